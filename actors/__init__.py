@@ -1,0 +1,1 @@
+"""The actors role of archer-async (imports only archer_async)."""

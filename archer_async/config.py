@@ -1,0 +1,409 @@
+"""The run configuration: one pydantic tree, YAML files composed left to right, dotted overrides.
+
+This module imports neither torch, vllm nor ray (a test asserts it), so the CLI, the launcher and the
+dashboard parse and validate a config in milliseconds before any heavy import.
+
+    cfg = load_config(["a.yaml", "b.yaml"], ["loss.is_cap=3.0", "actors.num_actors=4"])
+
+Every field carries a docstring (pydantic reads attribute docstrings into the field description);
+unknown keys are rejected with their dotted path; a wrong type names the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class UserError(Exception):
+    """Bad user input (config, data, CLI, run directory): one clear message; the CLI exits with code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """Bad user configuration: the message names the key, file or line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: Optional[str] = None
+    """Local Hugging Face model directory. None: the embedded tiny model (built on first use)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the learner and the actors' engines (bf16 on GPU, float32 on CPU)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Learner attention kernel. auto: flash-attn when installed and on GPU, SDPA otherwise."""
+
+
+class DataConfig(_Section):
+    train_files: list[str] = []
+    """verl-format training files (parquet, json, jsonl). Empty: the embedded tiny task data."""
+    eval_files: list[str] = []
+    """verl-format held-out files. Empty: the embedded tiny held-out split."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are skipped (counted in the actor log)."""
+    shuffle: bool = True
+    """Shuffle the prompt stream (seeded; each pass over the data reshuffles)."""
+    seed: int = 0
+    """Seed of the prompt order and of the embedded tiny data generator."""
+    tiny_num_train: int = 2000
+    """Embedded tiny data: number of training problems generated."""
+    tiny_num_eval: int = 200
+    """Embedded tiny data: number of held-out problems generated."""
+
+
+class ActorsConfig(_Section):
+    num_actors: int = 2
+    """Number of rollout actors (one inference engine each)."""
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """Inference backend. transformers exists only for machines where vLLM cannot run."""
+    gpus_per_actor: float = 0.0
+    """GPUs each actor requests from Ray (0 on CPU)."""
+    cpus_per_actor: float = 1.0
+    """CPUs each actor requests from Ray."""
+    node_label: Optional[str] = None
+    """Ray custom resource an actor's node must have (e.g. "actor_node"); None: anywhere."""
+    samples_per_prompt: int = 8
+    """n: responses sampled per prompt (one group)."""
+    temperature: float = 1.0
+    """Training sampling temperature T (also used to scale logits for entropy and log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for training rollouts."""
+    max_response_length: int = 64
+    """Maximum generated tokens per response."""
+    eval_temperature: float = 0.8
+    """Sampling temperature of held-out evaluation."""
+    eval_top_p: float = 1.0
+    """Nucleus threshold of held-out evaluation."""
+    inflight_update: Literal["keep", "abort"] = "keep"
+    """In-flight weight update: keep the KV cache and continue, or abort and re-submit the prefix."""
+    gpu_memory_utilization: float = 0.2
+    """vLLM memory fraction (CPU memory on CPU, where it must stay <= 0.3)."""
+    max_num_seqs: int = 64
+    """vLLM maximum concurrent sequences per engine."""
+    seed: int = 0
+    """Base sampling seed; actor i uses seed + i."""
+
+
+class BufferConfig(_Section):
+    capacity: int = 256
+    """Maximum groups held (not yet consumed). When full, producers wait; nothing is dropped."""
+    max_staleness: int = 4
+    """eta: a group may be trained at version v only if every token's version >= v - eta."""
+    sampler: Literal["oldest", "uniform"] = "oldest"
+    """Which ready groups a sample request returns: oldest-first or uniform at random."""
+    max_reuse: int = 1
+    """How many times one group may be delivered for training (1: each sample trained once)."""
+    filter_groups: bool = True
+    """Drop groups whose rewards are all equal (no signal) before they reach the learner."""
+    fsync: bool = True
+    """fsync each batch of appends (group commit). False only for benchmarks."""
+    segment_bytes: int = 64 * 1024 * 1024
+    """Segment files are sealed and a new one started beyond this size."""
+    host: str = "127.0.0.1"
+    """Address the buffer's sockets bind to. Keep loopback unless actors run on other nodes."""
+    port: int = 0
+    """First port of the buffer's sockets; 0 picks free ports."""
+    node_label: Optional[str] = None
+    """Ray custom resource the buffer's node must have; None: anywhere."""
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = 2
+    """FSDP2 world size of the learner."""
+    gpus_per_rank: float = 0.0
+    """GPUs each learner rank requests (0 on CPU: gloo; 1 on GPU: NCCL)."""
+    cpus_per_rank: float = 1.0
+    """CPUs each learner rank requests from Ray."""
+    node_label: Optional[str] = None
+    """Ray custom resource the learner's nodes must have; None: anywhere."""
+    batch_groups: int = 8
+    """Groups (prompts) per training step."""
+    mini_batch_groups: int = 8
+    """Groups per optimizer step; batch_groups / mini_batch_groups optimizer steps per training step."""
+    ppo_epochs: int = 1
+    """Passes over each training step's batch."""
+    micro_batch_size: int = 16
+    """Responses per forward/backward on one rank (gradient accumulation keeps the loss invariant)."""
+    lr: float = 1e-4
+    """AdamW learning rate after warm-up."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; a step whose norm is not finite is skipped."""
+    warmup_steps: int = 0
+    """Linear warm-up optimizer steps, then constant."""
+    total_steps: int = 30
+    """Training steps of the run."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """FSDP gradient reduction dtype."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many steps (and at the end)."""
+    export_hf_every: int = 0
+    """Export hf/step-N every this many steps; 0: only at the end."""
+    deterministic: bool = False
+    """torch deterministic algorithms (bitwise-reproducible resume on CPU)."""
+    seed: int = 0
+    """Learner seed."""
+
+
+class LossConfig(_Section):
+    """The objective of ALGORITHM.md; names and defaults are part of the contract."""
+
+    entropy_quantile: float = 0.8
+    """q: per-response entropy quantile splitting high- (reasoning) from low-entropy (knowledge) tokens."""
+    low_entropy_clip_ratio_low: float = 0.2
+    """epsilon_low of the PPO clip on low-entropy tokens."""
+    low_entropy_clip_ratio_high: float = 0.2
+    """epsilon_high of the PPO clip on low-entropy tokens."""
+    high_entropy_clip_ratio_low: float = 0.5
+    """epsilon_low of the PPO clip on high-entropy tokens."""
+    high_entropy_clip_ratio_high: float = 0.5
+    """epsilon_high of the PPO clip on high-entropy tokens."""
+    dual_clip_c: Optional[float] = 10.0
+    """Dual-clip bound c for negative advantages; None disables."""
+    kl_coef_low_entropy: float = 0.001
+    """Coefficient of the k3 KL to the reference on low-entropy tokens."""
+    kl_coef_high_entropy: float = 0.0
+    """Coefficient of the k3 KL to the reference on high-entropy tokens."""
+    loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
+    """Aggregation: mean over each response's tokens then over responses, or one mean over all tokens."""
+    is_correction: Literal["token_tis", "token_mask", "none"] = "token_tis"
+    """Off-policy correction weight per token from rho = pi_prox / mu."""
+    is_cap: float = 2.0
+    """Truncation cap of token_tis."""
+    is_mask_low: float = 0.5
+    """Lower bound of the token_mask band."""
+    is_mask_high: float = 2.0
+    """Upper bound of the token_mask band."""
+
+
+class RewardsConfig(_Section):
+    workers: int = 2
+    """Reward worker processes (sandboxed programs run in parallel)."""
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    """bwrap: every program in a fresh bubblewrap sandbox. none: trusted data only (warns every run)."""
+    timeout_s: float = 5.0
+    """Wall-clock deadline of one program run; the whole sandbox is SIGKILLed past it."""
+    cpu_time_s: int = 5
+    """RLIMIT_CPU of one program run."""
+    memory_mb: int = 1024
+    """RLIMIT_AS of one program run."""
+    max_output_bytes: int = 1_000_000
+    """Output kept per program run; more is a fail."""
+    max_tests_per_problem: int = 16
+    """Tests sampled per problem in training (evaluation runs all)."""
+    math_timeout_s: float = 5.0
+    """Deadline of one math verification."""
+
+
+class SyncConfig(_Section):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Weight-transfer backend: auto is NCCL when learner and actors have GPUs, gloo otherwise."""
+    bucket_mb: int = 256
+    """Weights are gathered and sent in buckets of at most this many MiB."""
+    timeout_s: float = 120.0
+    """Deadline of one weight update; past it the update is aborted and actors keep the old version."""
+
+
+class LaunchConfig(_Section):
+    mode: Literal["async", "sync"] = "async"
+    """async: actors generate while the learner trains. sync: generate a batch, train, sync, repeat."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join ("auto" or host:port); None starts a local cluster."""
+    num_cpus: Optional[int] = None
+    """CPUs of the local Ray cluster (None: Ray detects)."""
+    startup_timeout_s: float = 300.0
+    """Deadline for every role to start and for collective set-up; the error names the role and node."""
+    eval_every: int = 10
+    """Held-out evaluation every this many steps (and at start and end); 0 disables."""
+    eval_k: int = 4
+    """Samples per held-out problem (avg@K, pass@K)."""
+    eval_max_problems: int = 100
+    """Held-out problems evaluated per evaluation."""
+
+
+class DashboardConfig(_Section):
+    enabled: bool = True
+    """Serve the live dashboard while the run trains."""
+    host: str = "127.0.0.1"
+    """Dashboard bind address."""
+    port: int = 8365
+    """Dashboard port; 0 picks a free one."""
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode: offline writes under the run directory; online needs credentials."""
+    project: str = "archer-async"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team or user)."""
+    name: Optional[str] = None
+    """wandb run name (default: the run directory's name)."""
+
+
+def _default_run_dir() -> str:
+    return "runs/" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    """The policy model."""
+    data: DataConfig = DataConfig()
+    """Prompt data."""
+    actors: ActorsConfig = ActorsConfig()
+    """Rollout actors."""
+    buffer: BufferConfig = BufferConfig()
+    """Replay buffer."""
+    learner: LearnerConfig = LearnerConfig()
+    """FSDP2 learner."""
+    loss: LossConfig = LossConfig()
+    """The objective (ALGORITHM.md)."""
+    rewards: RewardsConfig = RewardsConfig()
+    """Verifiable rewards and the sandbox."""
+    sync: SyncConfig = SyncConfig()
+    """Weight synchronisation learner -> actors."""
+    launch: LaunchConfig = LaunchConfig()
+    """Placement and run control."""
+    dashboard: DashboardConfig = DashboardConfig()
+    """Live throughput dashboard."""
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases logging."""
+    run_dir: str = ""
+    """Run directory (config.resolved.yaml, metrics.jsonl, checkpoints/, hf/, buffer/, logs/). Empty: runs/<date-time>."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", _default_run_dir())
+        if self.learner.batch_groups % self.learner.mini_batch_groups:
+            raise ValueError("learner.batch_groups must be a multiple of learner.mini_batch_groups")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML files left to right, then dotted overrides.
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; `update` wins. Lists and scalars are replaced, not merged."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read one YAML config file; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (so 3, true, null, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. loss.is_cap=3.0)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: dotted key, what is wrong, the bad value."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+                lines.append(f"{key}: {msg} (got {e['input']!r})")
+            else:
+                lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def build_config(data: dict) -> Config:
+    """Validate a merged dict into a Config; raise ConfigError with dotted keys on failure."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(files: list[str] | tuple = (), overrides: list[str] | tuple = ()) -> Config:
+    """Compose YAML files left to right, then apply dotted key=value overrides, then validate."""
+    merged: dict[str, Any] = {}
+    for f in files:
+        merged = deep_merge(merged, read_yaml(f))
+    for o in overrides:
+        merged = deep_merge(merged, parse_override(o))
+    return build_config(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what --dry-run prints and config.resolved.yaml holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def iter_fields(model: type[BaseModel] = Config, prefix: str = ""):
+    """Yield (dotted key, FieldInfo) for every leaf and section field (used by docs and tests)."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key, field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from iter_fields(ann, key + ".")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """The config of an existing run (its config.resolved.yaml) with overrides on top; run_dir is pinned."""
+    rd = Path(run_dir)
+    resolved = rd / "config.resolved.yaml"
+    if not resolved.is_file():
+        raise ConfigError(f"{rd}: not a run directory (no config.resolved.yaml)")
+    merged = deep_merge(read_yaml(resolved), {})
+    for o in overrides:
+        if o.split("=", 1)[0].strip() == "run_dir":
+            raise ConfigError("run_dir cannot be overridden on resume")
+        merged = deep_merge(merged, parse_override(o))
+    merged["run_dir"] = str(rd)
+    return build_config(merged)

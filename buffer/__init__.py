@@ -1,0 +1,1 @@
+"""The buffer role of archer-async (imports only archer_async)."""

@@ -1,0 +1,1 @@
+"""The launch role of archer-async (imports only archer_async)."""

@@ -1,0 +1,1 @@
+"""The learner role of archer-async (imports only archer_async)."""
