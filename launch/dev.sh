@@ -15,6 +15,7 @@ need_setup() {
   [ -f "$stamp" ] || return 0
   [ "$(cat "$stamp")" = "$(sha256sum pyproject.toml launch/dev.sh | sha256sum | cut -c1-16)" ] || return 0
   command -v bwrap >/dev/null 2>&1 || return 0
+  command -v chromium >/dev/null 2>&1 || return 0
   return 1
 }
 
@@ -27,6 +28,15 @@ setup() {
       sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
     fi
     command -v bwrap >/dev/null 2>&1 || { echo "error: bubblewrap could not be installed" >&2; exit 1; }
+  fi
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "== installing chromium (headless test of the dashboard page) from Debian"
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    command -v chromium >/dev/null 2>&1 || { echo "error: chromium could not be installed" >&2; exit 1; }
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
