@@ -12,6 +12,7 @@ unknown keys are rejected with their dotted path; a wrong type names the key and
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -88,6 +89,16 @@ class ActorsConfig(_Section):
     """vLLM maximum concurrent sequences per engine."""
     seed: int = 0
     """Base sampling seed; actor i uses seed + i."""
+    max_inflight_prompts: int = 16
+    """Prompts (groups) one actor generates concurrently, within what the buffer's admission grants."""
+    enforce_eager: Optional[bool] = None
+    """vLLM eager mode (no torch.compile). None: eager on CPU (start-up in seconds), compiled on GPU."""
+    max_model_len: Optional[int] = None
+    """vLLM context length (prompt + response). None: data.max_prompt_length + max_response_length."""
+    kv_cache_gb: float = 1.0
+    """CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE) when the environment does not set it."""
+    admission_poll_s: float = 0.25
+    """Pause between admission requests while the buffer grants no new prompt (the actor waits, it never over-generates)."""
 
 
 class BufferConfig(_Section):
@@ -100,7 +111,8 @@ class BufferConfig(_Section):
     max_reuse: int = 1
     """How many times one group may be delivered for training (1: each sample trained once)."""
     filter_groups: bool = True
-    """Drop groups whose rewards are all equal (no signal) before they reach the learner."""
+    """Drop groups whose rewards are all equal (no signal) or that hold an infra-error reward before
+    they reach the learner (recorded with the reason, counted). Needs samples_per_prompt >= 2."""
     fsync: bool = True
     """fsync each batch of appends (group commit). False only for benchmarks."""
     segment_bytes: int = 64 * 1024 * 1024
@@ -111,6 +123,18 @@ class BufferConfig(_Section):
     """First port of the buffer's sockets; 0 picks free ports."""
     node_label: Optional[str] = None
     """Ray custom resource the buffer's node must have; None: anywhere."""
+    admission_batch_groups: Optional[int] = None
+    """Groups per training step in the admission rule (accepted + in flight) < (eta + v + 1) * this.
+    None: learner.batch_groups (8 when the buffer is started with its own section only)."""
+    sampler_seed: int = 0
+    """Seed of the uniform sampler."""
+    max_message_bytes: int = 256 * 1024 * 1024
+    """Largest ZMQ message the buffer accepts; bigger ones are refused by the socket."""
+    max_commit_batch: int = 512
+    """Most ingest messages appended per group commit (one fsync per batch)."""
+    verify_payload: bool = True
+    """Decode every ingested group's msgpack and check it against the producer's header (ids,
+    rewards). False trusts the authenticated producer (faster ingest; the learner still validates)."""
 
 
 class LearnerConfig(_Section):
@@ -186,10 +210,34 @@ class LossConfig(_Section):
     is_mask_high: float = 2.0
     """Upper bound of the token_mask band."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for every setting outside its meaningful range."""
+        checks = [
+            (0.0 <= self.entropy_quantile <= 1.0, "entropy_quantile", "must lie in [0, 1]"),
+            (0.0 <= self.low_entropy_clip_ratio_low < 1.0, "low_entropy_clip_ratio_low", "must lie in [0, 1)"),
+            (0.0 <= self.high_entropy_clip_ratio_low < 1.0, "high_entropy_clip_ratio_low", "must lie in [0, 1)"),
+            (self.low_entropy_clip_ratio_high >= 0.0, "low_entropy_clip_ratio_high", "must be >= 0"),
+            (self.high_entropy_clip_ratio_high >= 0.0, "high_entropy_clip_ratio_high", "must be >= 0"),
+            (self.dual_clip_c is None or self.dual_clip_c > 1.0, "dual_clip_c", "must be > 1 or null"),
+            (self.kl_coef_low_entropy >= 0.0, "kl_coef_low_entropy", "must be >= 0"),
+            (self.kl_coef_high_entropy >= 0.0, "kl_coef_high_entropy", "must be >= 0"),
+            (self.is_cap >= 1.0, "is_cap", "must be >= 1 (so on-policy tokens keep weight 1)"),
+            (0.0 <= self.is_mask_low <= 1.0, "is_mask_low", "must lie in [0, 1]"),
+            (self.is_mask_high >= 1.0, "is_mask_high", "must be >= 1"),
+        ]
+        return [(key, f"{getattr(self, key)!r}: {msg}") for ok, key, msg in checks if not ok]
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "LossConfig":
+        bad = self.problems()
+        if bad:
+            raise ValueError("; ".join(f"{k} = {m}" for k, m in bad))
+        return self
+
 
 class RewardsConfig(_Section):
     workers: int = 2
-    """Reward worker processes (sandboxed programs run in parallel)."""
+    """Reward worker threads: samples graded in parallel (each runs its own sandboxes and math verifier)."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
     """bwrap: every program in a fresh bubblewrap sandbox. none: trusted data only (warns every run)."""
     timeout_s: float = 5.0
@@ -203,7 +251,13 @@ class RewardsConfig(_Section):
     max_tests_per_problem: int = 16
     """Tests sampled per problem in training (evaluation runs all)."""
     math_timeout_s: float = 5.0
-    """Deadline of one math verification."""
+    """Deadline of one math verification (the verifier process is killed past it: status timeout)."""
+    max_processes: int = 32
+    """RLIMIT_NPROC of one program run (processes and threads of its sandbox uid)."""
+    max_open_files: int = 64
+    """RLIMIT_NOFILE of one program run."""
+    workdir_mb: int = 64
+    """Size of the sandbox's in-memory work dir (/tmp) and RLIMIT_FSIZE of one program run."""
 
 
 class SyncConfig(_Section):
@@ -213,6 +267,13 @@ class SyncConfig(_Section):
     """Weights are gathered and sent in buckets of at most this many MiB."""
     timeout_s: float = 120.0
     """Deadline of one weight update; past it the update is aborted and actors keep the old version."""
+    host: str = "127.0.0.1"
+    """Address of learner rank 0's transfer rendezvous (TCPStore); must be reachable from every actor node."""
+    store_port: int = 0
+    """TCPStore port of the transfer group; 0 picks a free one at launch."""
+    staged: bool = True
+    """Receive a whole update before loading it (a failed transfer leaves the old weights serving;
+    costs one extra copy of the weights on the actor). False loads bucket by bucket."""
 
 
 class LaunchConfig(_Section):
@@ -352,6 +413,10 @@ def format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            # section validators report "field = value: problem"; join it to the section's path
+            lines.extend(f"{key}.{part}" if re.match(r"^\w+ = ", part) else f"{key}: {part}" for part in msg.split("; "))
         else:
             msg = e["msg"]
             if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
