@@ -1,0 +1,211 @@
+"""Authenticated framing of the buffer protocol (both sides of the ZMQ boundary use this module).
+
+Every ZMQ message between a buffer client and the buffer server is four frames:
+
+    [proto, header, payload, mac]
+
+- proto: ``PROTO_REQ`` (client -> server) or ``PROTO_REP`` (server -> client); a reply can never be
+  replayed as a request because the direction is part of the MAC.
+- header: a msgpack map (``op``, ``rid`` request id, arguments / ``status`` and results).
+- payload: raw bytes (an encoded TrajectoryGroup for ``put``; a msgpack array of groups for a sample
+  reply; empty otherwise).
+- mac: HMAC-SHA256(secret, proto || u32 len(header) || header || payload), 32 bytes.
+
+The secret is per run: 32 random bytes, hex, in ``RUN_DIR/buffer/secret`` with file mode 0600,
+created by whichever process needs it first (O_EXCL, so concurrent creators agree). A frame whose MAC
+does not verify is rejected; a structurally wrong message raises FrameError. Nothing here imports
+torch, vllm or ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+import struct
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import msgspec
+
+from archer_async.config import UserError
+
+PROTO_REQ = b"AAB1q"
+"""First frame of a request (client -> server)."""
+PROTO_REP = b"AAB1r"
+"""First frame of a reply (server -> client)."""
+MAC_BYTES = 32
+SECRET_BYTES = 32
+UNAUTHENTICATED_REPLY_HEADER = msgspec.msgpack.encode({"status": "unauthenticated"})
+"""Header of the (unsigned) reply the server sends to a frame that fails authentication."""
+
+_LEN = struct.Struct("<I")
+_HEADER_ENCODER = msgspec.msgpack.Encoder()
+_HEADER_DECODER = msgspec.msgpack.Decoder(dict)
+
+
+class FrameError(ValueError):
+    """A message that is not a well-formed protocol message (wrong frame count, bad header)."""
+
+
+class AuthError(FrameError):
+    """A message whose MAC does not verify under the run's secret."""
+
+
+class SecretError(UserError):
+    """The run's secret file is missing, malformed or readable by other users."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-directory files.
+
+def buffer_dir(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/buffer (log segments, secret, endpoints.json, recovery.json)."""
+    return Path(run_dir) / "buffer"
+
+
+def secret_path(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/buffer/secret."""
+    return buffer_dir(run_dir) / "secret"
+
+
+def endpoints_path(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/buffer/endpoints.json: {"ingest": "tcp://h:p", "control": "tcp://h:p", "pid", "epoch"}."""
+    return buffer_dir(run_dir) / "endpoints.json"
+
+
+def _check_mode(path: Path) -> None:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise SecretError(f"{path}: mode {oct(mode)} lets other users read the run secret; chmod 600 it")
+
+
+def load_secret(run_dir: str | os.PathLike) -> bytes:
+    """The run's secret (32 bytes); raises SecretError if missing, malformed or not mode 0600."""
+    path = secret_path(run_dir)
+    if not path.is_file():
+        raise SecretError(f"{path}: no buffer secret (has the buffer of this run been started?)")
+    _check_mode(path)
+    text = path.read_text().strip()
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise SecretError(f"{path}: not a hex secret") from None
+    if len(secret) != SECRET_BYTES:
+        raise SecretError(f"{path}: expected {SECRET_BYTES} bytes of secret, found {len(secret)}")
+    return secret
+
+
+def ensure_secret(run_dir: str | os.PathLike) -> bytes:
+    """Create the run's secret (mode 0600, exclusive create) unless it exists; return it."""
+    path = secret_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be between create and write
+            if path.stat().st_size >= 2 * SECRET_BYTES:
+                break
+            time.sleep(0.01)
+        return load_secret(run_dir)
+    try:
+        os.write(fd, os.urandom(SECRET_BYTES).hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return load_secret(run_dir)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON by tmp + fsync + rename (readers never see a partial file)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_endpoints(run_dir: str | os.PathLike, wait_s: float = 0.0) -> dict:
+    """RUN_DIR/buffer/endpoints.json, waiting up to wait_s seconds for it to appear."""
+    path = endpoints_path(run_dir)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            data = json.loads(path.read_text())
+            if "ingest" in data and "control" in data:
+                return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        if time.monotonic() >= deadline:
+            raise UserError(f"{path}: the buffer has not published its endpoints (is it running?)")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing.
+
+def _mac(secret: bytes, proto: bytes, header: bytes, payload) -> bytes:
+    h = hmac.new(secret, proto, hashlib.sha256)
+    h.update(_LEN.pack(len(header)))
+    h.update(header)
+    h.update(payload)
+    return h.digest()
+
+
+def _buf(frame) -> Any:
+    """bytes-like view of a zmq.Frame or bytes."""
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+class Signer:
+    """Packs and verifies protocol messages under one secret."""
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise SecretError("buffer secret too short")
+        self._secret = bytes(secret)
+
+    def pack(self, proto: bytes, header: dict, payload: bytes | memoryview = b"") -> list:
+        """Frames [proto, header, payload, mac] ready for send_multipart."""
+        hb = _HEADER_ENCODER.encode(header)
+        return [proto, hb, payload, _mac(self._secret, proto, hb, payload)]
+
+    def unpack(self, proto: bytes, frames: list) -> tuple[dict, Any]:
+        """Verify and decode [proto, header, payload, mac]; returns (header dict, payload buffer).
+
+        Raises AuthError when the MAC (or the direction) does not verify, FrameError when the
+        message is structurally wrong. Never raises anything else for any input.
+        """
+        if len(frames) != 4:
+            raise AuthError(f"expected 4 frames, got {len(frames)}")
+        p, hb, payload, mac = (_buf(f) for f in frames)
+        if bytes(p) != proto or len(mac) != MAC_BYTES:
+            raise AuthError("bad protocol tag or MAC length")
+        hb = bytes(hb)
+        if not hmac.compare_digest(_mac(self._secret, proto, hb, payload), bytes(mac)):
+            raise AuthError("MAC does not verify")
+        try:
+            header = _HEADER_DECODER.decode(hb)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise FrameError(f"bad header: {e}") from None
+        return header, payload
+
+
+def get_str(header: dict, key: str, default: Optional[str] = None) -> str:
+    """header[key] as str; FrameError when missing (without default) or of the wrong type."""
+    v = header.get(key, default)
+    if not isinstance(v, str):
+        raise FrameError(f"header field {key!r} must be a string")
+    return v
+
+
+def get_int(header: dict, key: str, default: Optional[int] = None) -> int:
+    """header[key] as int; FrameError when missing (without default) or of the wrong type."""
+    v = header.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FrameError(f"header field {key!r} must be an integer")
+    return v

@@ -1,0 +1,293 @@
+"""Append-only segment log with length + CRC32 framing, group commit and torn-tail repair.
+
+On disk (``DIR/``): ``00000001.seg`` ... sealed segments, and at most one ``NNNNNNNN.open`` active
+segment, always the highest number. A record is
+
+    u32 length (bytes of type + body) | u32 crc32(type + body) | u8 type | body
+
+little endian. ``append`` writes records (one writev, no fsync); ``sync`` makes everything appended
+so far durable with one fsync (group commit) and seals the active segment once it passed
+``segment_bytes``: fsync, atomic rename ``.open`` -> ``.seg``, fsync of the directory.
+
+On open, ``replay`` scans every segment; in the active one it truncates a torn or garbage tail to
+the last valid record (Kafka's recovery) and reports it in ``tail``. A bad record inside a sealed
+segment is not a torn write but corruption: LogCorruptError, loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from archer_async.config import UserError
+
+HEADER = struct.Struct("<II")
+MAX_RECORD_BYTES = 1 << 31
+_IOV_MAX = 512
+
+
+class LogCorruptError(UserError):
+    """A sealed segment holds an invalid record (not a torn tail): the log needs a human."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record lives: segment number, byte offset of its header, total bytes with header."""
+
+    segment: int
+    offset: int
+    size: int
+
+
+@dataclass
+class TailReport:
+    """What the scan found after the last valid record of the active segment."""
+
+    segment: str
+    valid_bytes: int
+    file_bytes: int
+    reason: str
+
+    @property
+    def truncated_bytes(self) -> int:
+        """Bytes past the last valid record (dropped on repair)."""
+        return self.file_bytes - self.valid_bytes
+
+
+def frame_header(rtype: int, parts: list) -> bytes:
+    """Header + type byte for a record whose body is the concatenation of `parts`."""
+    tb = bytes([rtype])
+    crc = zlib.crc32(tb)
+    n = 1
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+        n += len(p)
+    return HEADER.pack(n, crc) + tb
+
+
+def scan_buffer(data: memoryview) -> tuple[list[tuple[int, memoryview, int, int]], int, str]:
+    """Parse records from `data`: ([(type, body, offset, size)], end of last valid record, reason).
+
+    reason is "" when the buffer ends exactly at a record boundary, else why scanning stopped.
+    """
+    out = []
+    pos, n = 0, len(data)
+    reason = ""
+    while pos < n:
+        if n - pos < HEADER.size + 1:
+            reason = "short header"
+            break
+        length, crc = HEADER.unpack_from(data, pos)
+        if length < 1 or length > MAX_RECORD_BYTES:
+            reason = f"bad length {length}"
+            break
+        end = pos + HEADER.size + length
+        if end > n:
+            reason = "short record"
+            break
+        body = data[pos + HEADER.size:end]
+        if zlib.crc32(body) != crc:
+            reason = "crc mismatch"
+            break
+        out.append((body[0], body[1:], pos, end - pos))
+        pos = end
+    return out, pos, reason
+
+
+def _write_all(fd: int, bufs: list) -> None:
+    """writev everything in `bufs` (handles short writes and IOV_MAX)."""
+    i = 0
+    while i < len(bufs):
+        chunk = bufs[i:i + _IOV_MAX]
+        want = sum(len(b) for b in chunk)
+        done = os.writev(fd, chunk)
+        if done == want:
+            i += len(chunk)
+            continue
+        # short write: finish this chunk byte-wise, then continue
+        for b in chunk:
+            mv = memoryview(b).cast("B")
+            if done >= len(mv):
+                done -= len(mv)
+                continue
+            mv = mv[done:]
+            done = 0
+            while len(mv):
+                k = os.write(fd, mv)
+                mv = mv[k:]
+        i += len(chunk)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentLog:
+    """The buffer's write-ahead log. Not thread-safe except that `sync` may run in another thread
+    while no `append` is running (the server's pipeline guarantees that)."""
+
+    def __init__(self, directory: str | os.PathLike, segment_bytes: int = 64 << 20,
+                 fsync: bool = True, readonly: bool = False):
+        self.dir = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.readonly = readonly
+        self.tail: Optional[TailReport] = None
+        self._fd: Optional[int] = None
+        self._active: int = 0
+        self._size: int = 0
+        self._replayed = False
+        if not readonly:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ------------------------------------------------------------------ files
+    def segments(self) -> list[tuple[int, Path]]:
+        """(number, path) of every segment, in order."""
+        if not self.dir.is_dir():
+            return []
+        segs = []
+        for p in self.dir.iterdir():
+            stem, _, ext = p.name.partition(".")
+            if ext in ("seg", "open") and stem.isdigit():
+                segs.append((int(stem), p))
+        segs.sort()
+        return segs
+
+    def _path(self, number: int, sealed: bool) -> Path:
+        return self.dir / f"{number:08d}.{'seg' if sealed else 'open'}"
+
+    def bytes_on_disk(self) -> int:
+        """Total size of all segment files."""
+        total = 0
+        for _, p in self.segments():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    # ------------------------------------------------------------------ open / replay
+    def replay(self) -> Iterator[tuple[int, memoryview, Location]]:
+        """Yield (type, body, location) of every valid record, oldest first; repair the tail.
+
+        Must be exhausted before the first append. Read-only logs report but never repair.
+        """
+        segs = self.segments()
+        for i, (num, path) in enumerate(segs):
+            last = i == len(segs) - 1
+            with open(path, "rb") as f:
+                data = memoryview(f.read())
+            records, valid, reason = scan_buffer(data)
+            if reason:
+                if not (last and path.suffix == ".open"):
+                    raise LogCorruptError(f"{path}: invalid record at byte {valid} ({reason}); "
+                                          "sealed segments are never torn, the log is corrupt")
+                self.tail = TailReport(str(path), valid, len(data), reason)
+            for rtype, body, off, size in records:
+                yield rtype, body, Location(num, off, size)
+            del records, data
+            if last and not self.readonly:
+                if reason:
+                    with open(path, "r+b") as f:
+                        f.truncate(valid)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if path.suffix == ".open":
+                    self._active, self._size = num, valid
+        self._replayed = True
+
+    def _open_active(self) -> None:
+        if self._active == 0 or self._path(self._active, True).exists():
+            self._active = max([n for n, _ in self.segments()], default=0) + 1
+            self._size = 0
+        path = self._path(self._active, False)
+        created = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        if created:
+            _fsync_dir(self.dir)
+
+    # ------------------------------------------------------------------ write
+    def append(self, records: list[tuple[int, list]]) -> list[Location]:
+        """Write records (type, [body parts]) at the end of the active segment; no fsync.
+
+        On a write error the segment is cut back to where it was, so no partial record remains.
+        """
+        if self.readonly:
+            raise RuntimeError("read-only log")
+        if not self._replayed:
+            for _ in self.replay():
+                pass
+        if self._fd is None:
+            self._open_active()
+        bufs, locs = [], []
+        pos = self._size
+        for rtype, parts in records:
+            hdr = frame_header(rtype, parts)
+            size = len(hdr) + sum(len(p) for p in parts)
+            bufs.append(hdr)
+            bufs.extend(parts)
+            locs.append(Location(self._active, pos, size))
+            pos += size
+        try:
+            _write_all(self._fd, bufs)
+        except OSError:
+            os.ftruncate(self._fd, self._size)
+            raise
+        self._size = pos
+        return locs
+
+    def sync(self) -> None:
+        """Make all appended records durable (one fsync); seal the active segment when full."""
+        if self._fd is None:
+            return
+        if self.fsync:
+            os.fsync(self._fd)
+        if self._size >= self.segment_bytes:
+            self._seal()
+
+    def _seal(self) -> None:
+        fd, self._fd = self._fd, None
+        if self.fsync:
+            os.fsync(fd)
+        os.close(fd)
+        os.rename(self._path(self._active, False), self._path(self._active, True))
+        if self.fsync:
+            _fsync_dir(self.dir)
+        self._active += 1
+        self._size = 0
+
+    # ------------------------------------------------------------------ read
+    def read(self, loc: Location) -> tuple[int, bytes]:
+        """(type, body) of the record at `loc` (validated against its CRC)."""
+        for _ in range(3):  # the segment may be sealed (renamed) concurrently
+            for sealed in (True, False):
+                try:
+                    fd = os.open(self._path(loc.segment, sealed), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    data = os.pread(fd, loc.size, loc.offset)
+                finally:
+                    os.close(fd)
+                records, valid, reason = scan_buffer(memoryview(data))
+                if len(records) != 1 or valid != loc.size:
+                    raise LogCorruptError(f"segment {loc.segment} offset {loc.offset}: {reason or 'bad record'}")
+                return records[0][0], bytes(records[0][1])
+        raise LogCorruptError(f"segment {loc.segment} is missing")
+
+    def close(self) -> None:
+        """fsync (when enabled) and close the active segment."""
+        if self._fd is not None:
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None

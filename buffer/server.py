@@ -1,0 +1,382 @@
+"""The buffer process: ZMQ ingest from actors, sample/stats/admission for the learner and dashboard.
+
+Two ROUTER sockets (RUN_DIR/buffer/endpoints.json names them): ``ingest`` takes ``put`` messages
+(one encoded TrajectoryGroup each) and acknowledges each group once its record is durable;
+``control`` serves sample / stats / admission / reserve / release / set_version / rewind / ping.
+Every message is HMAC-signed with the run's secret (archer_async.wire); others are counted and
+refused. One thread runs the loop; the fsync of batch k runs in a helper thread while the loop
+verifies and decodes batch k+1 (group commit: one fsync per batch, however many producers).
+
+Start it as a process (``python -m buffer --run-dir D [--config-json J]``) or inside any Python
+process, e.g. a Ray actor, with the blocking ``serve(cfg, run_dir, restore_state, ready_callback,
+stop_event)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import msgspec
+import zmq
+
+from archer_async import wire
+from archer_async.config import BufferConfig, Config
+from buffer.store import BufferStore, group_meta, meta_from_header
+from buffer.table import RestoreError
+
+log = logging.getLogger("buffer.server")
+
+_MAX_BATCH_BYTES = 64 << 20
+_MAX_WAIT_MS = 60_000
+
+
+def resolve_config(cfg: Union[Config, BufferConfig, dict, None]) -> tuple[BufferConfig, int]:
+    """(BufferConfig, batch_groups for the admission rule) from a full Config or a buffer section."""
+    if cfg is None:
+        cfg = BufferConfig()
+    if isinstance(cfg, dict):
+        cfg = Config.model_validate(cfg) if "buffer" in cfg else BufferConfig.model_validate(cfg)
+    if isinstance(cfg, Config):
+        b = cfg.buffer
+        return b, b.admission_batch_groups or cfg.learner.batch_groups
+    return cfg, cfg.admission_batch_groups or 8
+
+
+@dataclass
+class _Waiting:
+    """A sample request held until enough groups are ready or its deadline passes."""
+
+    ident: bytes
+    rid: int
+    n: int
+    version: int
+    req: str
+    deadline: float
+
+
+class BufferServer:
+    """Bound sockets + durable store. `serve_forever` runs the loop; `close` releases everything."""
+
+    def __init__(self, cfg: Union[Config, BufferConfig, dict, None], run_dir: str | os.PathLike,
+                 restore_state: Optional[dict] = None):
+        self.cfg, batch_groups = resolve_config(cfg)
+        self.run_dir = Path(run_dir)
+        self.dir = wire.buffer_dir(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.signer = wire.Signer(wire.ensure_secret(run_dir))
+        self.store = BufferStore(self.dir / "log", self.cfg, batch_groups, restore_state)
+        self._record_recovery()
+        self.epoch = os.urandom(8).hex()
+        self.counters = {"rejected_auth": 0, "rejected_malformed": 0}
+        self._waiting: dict[str, _Waiting] = {}
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="buffer-fsync") if self.cfg.fsync else None
+        self.ctx = zmq.Context()
+        self.ingest = self._socket()
+        self.control = self._socket()
+        self.endpoints = self._bind()
+        wire.write_json_atomic(wire.endpoints_path(run_dir), self.endpoints)
+        s = self.store.stats()
+        log.info("buffer serving ingest=%s control=%s: %d groups stored, %d ready, version %d, %d bytes on disk",
+                 self.endpoints["ingest"], self.endpoints["control"], s["stored_total"], s["ready"],
+                 s["version"], s["bytes_on_disk"])
+
+    # ------------------------------------------------------------------ set-up
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        return sock
+
+    def _bind(self) -> dict:
+        host = self.cfg.host
+        wanted: list[Optional[int]] = [None, None]
+        if self.cfg.port:
+            wanted = [self.cfg.port, self.cfg.port + 1]
+        else:  # a restarted buffer keeps its ports when it can, so connected clients just reconnect
+            try:
+                old = json.loads(wire.endpoints_path(self.run_dir).read_text())
+                wanted = [int(old["ingest"].rsplit(":", 1)[1]), int(old["control"].rsplit(":", 1)[1])]
+            except (OSError, ValueError, KeyError, IndexError):
+                pass
+        ports = []
+        for sock, port in zip((self.ingest, self.control), wanted):
+            bound = None
+            if port:
+                try:
+                    sock.bind(f"tcp://{host}:{port}")
+                    bound = port
+                except zmq.ZMQError:
+                    if self.cfg.port:
+                        raise
+            if bound is None:
+                bound = sock.bind_to_random_port(f"tcp://{host}")
+            ports.append(bound)
+        adv = host
+        if host in ("0.0.0.0", "*", "::"):
+            adv = socket.gethostbyname(socket.gethostname())
+        return {"ingest": f"tcp://{adv}:{ports[0]}", "control": f"tcp://{adv}:{ports[1]}",
+                "pid": os.getpid(), "epoch": self.epoch, "started_at": time.time()}
+
+    def _record_recovery(self) -> None:
+        tail = self.store.log.tail
+        if tail is None:
+            return
+        log.warning("buffer log: truncated %d bytes of torn/garbage tail in %s (%s)",
+                    tail.truncated_bytes, tail.segment, tail.reason)
+        path = self.dir / "recovery.json"
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, ValueError):
+            history = []
+        history.append({"time": time.time(), "segment": tail.segment, "valid_bytes": tail.valid_bytes,
+                        "file_bytes": tail.file_bytes, "truncated_bytes": tail.truncated_bytes,
+                        "reason": tail.reason})
+        wire.write_json_atomic(path, history)
+
+    # ------------------------------------------------------------------ messages
+    def _drain(self, sock: zmq.Socket, max_msgs: int) -> list:
+        msgs, nbytes = [], 0
+        while len(msgs) < max_msgs and nbytes < _MAX_BATCH_BYTES:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            msgs.append(frames)
+            nbytes += sum(len(f) for f in frames)
+        return msgs
+
+    def _verify(self, sock: zmq.Socket, frames: list):
+        """(ident, header, payload) of an authentic message, else None (counted, refused)."""
+        ident = frames[0].bytes
+        try:
+            header, payload = self.signer.unpack(wire.PROTO_REQ, frames[1:])
+            wire.get_int(header, "rid")
+            wire.get_str(header, "op")
+            return ident, header, payload
+        except wire.AuthError:
+            self.counters["rejected_auth"] += 1
+            sock.send_multipart([ident, wire.PROTO_REP, wire.UNAUTHENTICATED_REPLY_HEADER, b"", bytes(wire.MAC_BYTES)])
+        except wire.FrameError as e:
+            self.counters["rejected_malformed"] += 1
+            self._reply(sock, ident, {"rid": -1, "status": "error", "error": str(e)})
+        return None
+
+    def _reply(self, sock: zmq.Socket, ident: bytes, header: dict, payload: bytes = b"") -> None:
+        header["epoch"] = self.epoch
+        sock.send_multipart([ident] + self.signer.pack(wire.PROTO_REP, header, payload), copy=False)
+
+    def _send_all(self, replies: list) -> None:
+        for sock, ident, header, payload in replies:
+            self._reply(sock, ident, header, payload)
+
+    # ------------------------------------------------------------------ handlers
+    def _prepare_puts(self, msgs: list) -> list:
+        """Decode and validate put messages: [(ident, rid, meta, payload, client, reserved)]."""
+        out = []
+        for ident, header, payload in msgs:
+            try:
+                if header["op"] != "put":
+                    raise wire.FrameError(f"op {header['op']!r} is not served on the ingest socket")
+                if "meta" in header:
+                    meta = meta_from_header(header["meta"], payload, self.cfg.verify_payload)
+                else:
+                    meta = group_meta(payload)
+                client = wire.get_str(header, "client", "")
+                held = header.get("held")
+                if held is not None and (not isinstance(held, int) or held < 0):
+                    raise wire.FrameError("held must be a non-negative integer")
+                out.append((ident, header["rid"], meta, payload, client, held))
+            except (ValueError, KeyError, TypeError) as e:
+                self.counters["rejected_malformed"] += 1
+                self._reply(self.ingest, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+        return out
+
+    def _apply_puts(self, prepared: list, staged: list) -> None:
+        statuses = self.store.ingest([(meta, payload) for _, _, meta, payload, _, _ in prepared])
+        for _, _, _, _, client, held in prepared:
+            if held is not None:  # the producer's own count of prompts it still has in flight
+                self.store.table.in_flight[client] = held
+        for (ident, rid, meta, _, _, _), status in zip(prepared, statuses):
+            h = {"rid": rid, "status": status, "gid": meta.group_id}
+            if status == "full":
+                h["retry_ms"] = 100
+                self._reply(self.ingest, ident, h)
+            else:
+                staged.append((self.ingest, ident, h, b""))
+
+    def _admission(self) -> dict:
+        t = self.store.table
+        return {"accepted": t.accepted(), "in_flight": sum(t.in_flight.values()), "version": t.version,
+                "limit": t.admission_limit(), "headroom": t.headroom(), "size": len(t.live),
+                "capacity": t.capacity, "batch_groups": t.batch_groups, "max_staleness": t.max_staleness}
+
+    def stats(self) -> dict:
+        s = self.store.stats()
+        s.update(self.counters)
+        s["waiting_samples"] = len(self._waiting)
+        s["epoch"] = self.epoch
+        s["metrics"] = {"buffer/size": s["size"], "buffer/dropped_stale": s["dropped_stale"]}
+        return s
+
+    def _handle_control(self, ident: bytes, header: dict, staged: list) -> None:
+        op, rid = header["op"], header["rid"]
+        t = self.store.table
+        client = wire.get_str(header, "client", "")
+        if op == "ping":
+            self._reply(self.control, ident, {"rid": rid, "status": "ok"})
+        elif op == "stats":
+            self._reply(self.control, ident, {"rid": rid, "status": "ok", "stats": self.stats()})
+        elif op == "admission":
+            self._reply(self.control, ident, {"rid": rid, "status": "ok", **self._admission()})
+        elif op == "reserve":
+            want, held = wire.get_int(header, "want", 0), wire.get_int(header, "held", 0)
+            if want < 0 or held < 0:
+                raise wire.FrameError("want and held must be >= 0")
+            t.in_flight[client] = held
+            granted = min(want, t.headroom())
+            t.in_flight[client] += granted
+            self._reply(self.control, ident, {"rid": rid, "status": "ok", "granted": granted, **self._admission()})
+        elif op == "release":
+            n = wire.get_int(header, "n", 1)
+            t.in_flight[client] = max(0, t.in_flight.get(client, 0) - max(n, 0))
+            self._reply(self.control, ident, {"rid": rid, "status": "ok", **self._admission()})
+        elif op == "set_version":
+            self.store.set_version(wire.get_int(header, "version"))
+            staged.append((self.control, ident, {"rid": rid, "status": "ok"}, b""))
+        elif op == "rewind":
+            state = header.get("state")
+            if not isinstance(state, dict):
+                raise wire.FrameError("rewind needs a consumed_state map")
+            try:
+                self.store.rewind(state)
+            except RestoreError as e:
+                self._reply(self.control, ident, {"rid": rid, "status": "error", "error": str(e)})
+                return
+            self._waiting.clear()
+            staged.append((self.control, ident, {"rid": rid, "status": "ok",
+                                                 "consumed_state": t.consumed_state()}, b""))
+        elif op == "sample":
+            n, version = wire.get_int(header, "n"), wire.get_int(header, "version")
+            req, wait_ms = wire.get_str(header, "req", ""), wire.get_int(header, "wait_ms", 0)
+            if n <= 0 or version < 0:
+                raise wire.FrameError("sample needs n > 0 and version >= 0")
+            w = _Waiting(ident, rid, n, version, req, time.monotonic() + min(max(wait_ms, 0), _MAX_WAIT_MS) / 1e3)
+            if not self._try_sample(client, w, staged):
+                if wait_ms > 0:
+                    self._waiting[client] = w
+                else:
+                    self._reply(self.control, ident, {"rid": rid, "status": "timeout", **self._admission()})
+        else:
+            raise wire.FrameError(f"unknown op {op!r}")
+
+    def _try_sample(self, consumer: str, w: _Waiting, staged: list) -> bool:
+        res = self.store.sample(w.n, w.version, consumer, w.req)
+        if res is None:
+            return False
+        entries, payloads = res
+        body = msgspec.msgpack.encode([msgspec.Raw(p) for p in payloads])
+        staged.append((self.control, w.ident, {
+            "rid": w.rid, "status": "ok", "gids": [e.meta.group_id for e in entries],
+            "consumed_state": self.store.table.consumed_state(), "version": w.version}, body))
+        return True
+
+    def _serve_waiting(self, staged: list) -> None:
+        now = time.monotonic()
+        for consumer, w in list(self._waiting.items()):
+            if self._try_sample(consumer, w, staged):
+                del self._waiting[consumer]
+            elif now >= w.deadline:
+                del self._waiting[consumer]
+                self._reply(self.control, w.ident, {"rid": w.rid, "status": "timeout", **self._admission()})
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        """Ask serve_forever to finish (commits what it holds, then returns)."""
+        self._stop.set()
+
+    def serve_forever(self, stop_event: Optional[threading.Event] = None) -> None:
+        """Run until stop() or stop_event is set. Raises only on I/O failure of the log."""
+        poller = zmq.Poller()
+        poller.register(self.ingest, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        inflight = None  # (future, pending entries, replies) of the fsync in progress
+        staged: list = []
+        stopping = lambda: self._stop.is_set() or (stop_event is not None and stop_event.is_set())  # noqa: E731
+        while True:
+            if stopping() and inflight is None and not staged:
+                break
+            timeout = 0 if inflight is not None else 100
+            if self._waiting and inflight is None:
+                nearest = min(w.deadline for w in self._waiting.values()) - time.monotonic()
+                timeout = max(0, min(timeout, int(nearest * 1000) + 1))
+            events = dict(poller.poll(timeout)) if not stopping() else {}
+            ctrl = self._drain(self.control, 256) if self.control in events else []
+            puts = self._drain(self.ingest, self.cfg.max_commit_batch) if self.ingest in events else []
+            # CPU work for this batch overlaps with the fsync of the previous one.
+            ctrl = [m for m in (self._verify(self.control, f) for f in ctrl) if m]
+            puts = self._prepare_puts([m for m in (self._verify(self.ingest, f) for f in puts) if m])
+            if inflight is not None:
+                fut, pending, replies = inflight
+                fut.result()
+                self.store.publish(pending)
+                self._send_all(replies)
+                inflight = None
+            for ident, header, _ in ctrl:
+                try:
+                    self._handle_control(ident, header, staged)
+                except (wire.FrameError, KeyError, TypeError, ValueError) as e:
+                    self.counters["rejected_malformed"] += 1
+                    self._reply(self.control, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+            if puts:
+                self._apply_puts(puts, staged)
+            self._serve_waiting(staged)
+            if self.store.unsynced or staged:
+                pending = self.store.take_pending()
+                if self._pool is not None:
+                    inflight = (self._pool.submit(self.store.log.sync), pending, staged)
+                else:
+                    self.store.log.sync()
+                    self.store.publish(pending)
+                    self._send_all(staged)
+                staged = []
+
+    def close(self) -> None:
+        """Close sockets and the log (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for sock in (self.ingest, self.control):
+            sock.close(linger=200)
+        self.ctx.term()
+        self.store.close()
+
+
+def serve(cfg: Union[Config, BufferConfig, dict, None], run_dir: str | os.PathLike,
+          restore_state: Optional[dict] = None,
+          ready_callback: Optional[Callable[[dict], None]] = None,
+          stop_event: Optional[threading.Event] = None) -> None:
+    """Open the buffer of `run_dir`, bind, publish RUN_DIR/buffer/endpoints.json, call
+    ready_callback(endpoints) and serve until stop_event is set (blocking).
+
+    restore_state: the consumed_state of the learner checkpoint being resumed (None: continue from
+    the buffer's own log, e.g. after a buffer-only restart).
+    """
+    server = BufferServer(cfg, run_dir, restore_state)
+    try:
+        if ready_callback is not None:
+            ready_callback(dict(server.endpoints))
+        server.serve_forever(stop_event)
+    finally:
+        server.close()

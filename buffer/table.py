@@ -1,0 +1,301 @@
+"""The buffer's table: which groups exist, which are ready, delivered, consumed or dropped.
+
+Pure in-memory state with no I/O; `store.BufferStore` drives it from the log (replay) and from live
+requests, so replay after a crash rebuilds exactly the state the records describe.
+
+Group states (per stored group, ordered by ``seq``, the ingest sequence number):
+  pending   appended to the log, not yet covered by an fsync: never delivered, never acknowledged
+  ready     durable and delivered fewer than max_reuse times (the sampler picks from these)
+  consumed  delivered max_reuse times
+  dropped   too stale when sampled (a DROP record says so)
+Groups dropped at ingest (filtered, too stale) are never stored: only their DROP record exists.
+
+consumed_state (what the learner checkpoints): ``{"format": 1, "cursor": L, "consumed": {gid: k},
+"version": v}`` where every group with seq < L is finished (consumed or dropped) and ``consumed``
+lists delivery counts of groups with seq >= L. Rewinding to it makes every group delivered after
+that state ready again: groups delivered but not covered by a learner checkpoint are re-delivered.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import msgspec
+
+from archer_async.config import UserError
+
+
+class GroupMeta(msgspec.Struct, frozen=True):
+    """What the buffer knows about a stored group without its payload (kept in the log record)."""
+
+    group_id: str
+    min_version: int
+    max_version: int
+    actor_id: str
+    prompt_index: int
+    sample_ids: list[str]
+    reward_statuses: list[str]
+    num_tokens: int
+    created_at: float
+    nbytes: int
+
+
+class DropInfo(msgspec.Struct, frozen=True):
+    """A durable drop: group, reason ("stale", "filtered:solve_all", ...), when and where."""
+
+    group_id: str
+    reason: str
+    stage: str
+    """"ingest" (never stored) or "sample" (stored, then too stale to train)."""
+    version: int
+    """Learner version the decision was made against."""
+    seq: int = -1
+    sample_ids: list[str] = []
+    actor_id: str = ""
+    prompt_index: int = -1
+    min_version: int = 0
+    at: float = 0.0
+
+
+class RestoreError(UserError):
+    """A consumed_state that does not match this buffer's log."""
+
+
+def filter_reason(reward_statuses: list[str]) -> Optional[str]:
+    """Why a group carries no training signal, or None. ALGORITHM.md section 6: an infra-error reward
+    drops the whole group; all-equal rewards give zero advantages (solve_none / solve_all)."""
+    if any(s == "infra_error" for s in reward_statuses):
+        return "filtered:infra_error"
+    values = {1.0 if s == "pass" else 0.0 for s in reward_statuses}
+    if len(values) == 1:
+        return "filtered:solve_all" if values == {1.0} else "filtered:solve_none"
+    return None
+
+
+@dataclass(eq=False)
+class Entry:
+    """One stored group."""
+
+    seq: int
+    meta: GroupMeta
+    payload: Optional[bytes] = None
+    """Encoded TrajectoryGroup while it may still be delivered (None: read it from the log)."""
+    loc: object = None
+    """segment_log.Location of its GROUP record once written."""
+    committed: bool = False
+    delivered: int = 0
+    dropped: Optional[str] = None
+
+
+@dataclass
+class Table:
+    """Table policy: capacity, staleness eta, sampler, max reuse, filtering, admission."""
+
+    capacity: int = 256
+    max_staleness: int = 4
+    sampler: str = "oldest"
+    max_reuse: int = 1
+    filter_groups: bool = True
+    batch_groups: int = 8
+    seed: int = 0
+    version: int = 0
+    entries: list[Entry] = field(default_factory=list)
+    """Every stored group; entries[seq].seq == seq."""
+    by_id: dict[str, Entry] = field(default_factory=dict)
+    ingest_drops: dict[str, str] = field(default_factory=dict)
+    """group_id -> reason, for groups dropped before being stored."""
+    live: dict[int, Entry] = field(default_factory=dict)
+    """seq -> entry of pending and ready groups."""
+    counters: Counter = field(default_factory=Counter)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    last_delivery: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    """consumer -> (request id, group ids) of its latest delivery (idempotent retries)."""
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def next_seq(self) -> int:
+        return len(self.entries)
+
+    def known(self, group_id: str) -> bool:
+        """Stored or dropped before: a re-sent group is a duplicate."""
+        return group_id in self.by_id or group_id in self.ingest_drops
+
+    def ready(self) -> list[Entry]:
+        """Durable groups that may be delivered, oldest first."""
+        return [e for s, e in sorted(self.live.items()) if e.committed]
+
+    def accepted(self) -> int:
+        """Groups stored for training and not dropped as stale (the admission rule's 'accepted')."""
+        return len(self.entries) - self.counters["dropped_stale_stored"]
+
+    def admission_limit(self) -> int:
+        """(eta + v + 1) * batch_groups."""
+        return (self.max_staleness + self.version + 1) * self.batch_groups
+
+    def headroom(self) -> int:
+        """How many more prompts actors may start now (staleness rule and capacity together)."""
+        in_flight = sum(self.in_flight.values())
+        stale_room = self.admission_limit() - self.accepted() - in_flight
+        cap_room = self.capacity - len(self.live) - in_flight
+        return max(0, min(stale_room, cap_room))
+
+    def cursor(self) -> int:
+        return min(self.live) if self.live else self.next_seq
+
+    def consumed_state(self) -> dict:
+        """The state a learner checkpoint stores (see module docstring)."""
+        cur = self.cursor()
+        consumed = {e.meta.group_id: e.delivered for e in self.entries[cur:]
+                    if e.delivered and e.dropped is None}
+        return {"format": 1, "cursor": cur, "consumed": consumed, "version": self.version}
+
+    # ------------------------------------------------------------------ ingest
+    def classify(self, meta: GroupMeta) -> str:
+        """Decision for an incoming group: "duplicate", "full", "store" or a drop reason."""
+        if self.known(meta.group_id):
+            return "duplicate"
+        if self.filter_groups:
+            reason = filter_reason(meta.reward_statuses)
+            if reason:
+                return reason
+        if meta.min_version < self.version - self.max_staleness:
+            return "stale"
+        if len(self.live) >= self.capacity:
+            return "full"
+        return "store"
+
+    def add_group(self, meta: GroupMeta, payload: Optional[bytes]) -> Entry:
+        """Store a group (pending until `commit`)."""
+        e = Entry(seq=self.next_seq, meta=meta, payload=payload)
+        self.entries.append(e)
+        self.by_id[meta.group_id] = e
+        self.live[e.seq] = e
+        self.counters["stored"] += 1
+        return e
+
+    def add_ingest_drop(self, info: DropInfo) -> None:
+        self.ingest_drops[info.group_id] = info.reason
+        self._count_drop(info.reason)
+
+    def _count_drop(self, reason: str) -> None:
+        if reason == "stale":
+            self.counters["dropped_stale"] += 1
+        else:
+            self.counters["dropped_filtered"] += 1
+        self.counters["drop:" + reason] += 1
+
+    def commit(self, entries: list[Entry]) -> None:
+        """The records of `entries` are durable: they become ready."""
+        for e in entries:
+            e.committed = True
+
+    # ------------------------------------------------------------------ sample
+    def stale_ready(self, version: int) -> list[Entry]:
+        """Ready groups too stale to train at `version`."""
+        floor = version - self.max_staleness
+        return [e for e in self.ready() if e.meta.min_version < floor]
+
+    def drop_stored(self, e: Entry, reason: str) -> None:
+        """A stored group leaves the table unconsumed (recorded by a DROP record)."""
+        if e.dropped is not None:
+            return
+        e.dropped = reason
+        e.payload = None
+        self.live.pop(e.seq, None)
+        self._count_drop(reason)
+        if reason == "stale":
+            self.counters["dropped_stale_stored"] += 1
+
+    def pick(self, n: int, exclude: frozenset = frozenset()) -> Optional[list[Entry]]:
+        """n distinct ready groups by the sampler, or None if fewer are ready (state unchanged)."""
+        ready = [e for e in self.ready() if e.seq not in exclude]
+        if n <= 0 or len(ready) < n:
+            return None
+        if self.sampler == "uniform":
+            return sorted(self.rng.sample(ready, n), key=lambda e: e.seq)
+        return ready[:n]
+
+    def deliver(self, group_ids: list[str], consumer: str = "", request_id: str = "") -> list[Entry]:
+        """Count one delivery of each group; finished groups leave the live set."""
+        out = []
+        for gid in group_ids:
+            e = self.by_id[gid]
+            e.delivered += 1
+            if e.delivered >= self.max_reuse:
+                self.live.pop(e.seq, None)
+                e.payload = None
+            out.append(e)
+        self.counters["delivered"] += len(out)
+        if request_id:
+            self.last_delivery[consumer] = (request_id, list(group_ids))
+        return out
+
+    # ------------------------------------------------------------------ rewind
+    def validate_state(self, state: dict) -> tuple[int, dict[str, int], int]:
+        """(cursor, consumed, version) of a consumed_state; RestoreError if it does not fit this log."""
+        try:
+            cursor = int(state["cursor"])
+            consumed = {str(k): int(v) for k, v in dict(state.get("consumed", {})).items()}
+            version = int(state.get("version", self.version))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RestoreError(f"malformed consumed_state: {e!r}") from None
+        if cursor < 0 or cursor > self.next_seq:
+            raise RestoreError(f"consumed_state cursor {cursor} is outside the buffer log ({self.next_seq} "
+                               "groups): the buffer directory does not belong to this checkpoint")
+        for gid in consumed:
+            e = self.by_id.get(gid)
+            if e is None or e.seq < cursor:
+                raise RestoreError(f"consumed_state names group {gid!r} that this buffer log does not "
+                                   "hold past the cursor")
+        return cursor, consumed, version
+
+    def rewind(self, state: dict) -> None:
+        """Return to a learner checkpoint's consumed_state: later deliveries are undone."""
+        cursor, consumed, version = self.validate_state(state)
+        for e in self.entries:
+            if e.dropped is not None:
+                continue
+            if e.seq < cursor:
+                e.delivered = self.max_reuse
+                self.live.pop(e.seq, None)
+                e.payload = None
+            else:
+                e.delivered = consumed.get(e.meta.group_id, 0)
+                if e.delivered >= self.max_reuse:
+                    self.live.pop(e.seq, None)
+                else:
+                    self.live[e.seq] = e
+        self.version = version
+        self.last_delivery.clear()
+        self.counters["rewinds"] += 1
+
+    # ------------------------------------------------------------------ stats
+    def depth_by_version(self) -> dict[int, int]:
+        """min_version -> number of ready groups."""
+        return dict(sorted(Counter(e.meta.min_version for e in self.ready()).items()))
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {
+            "size": len(self.live),
+            "ready": len(self.ready()),
+            "capacity": self.capacity,
+            "version": self.version,
+            "accepted": self.accepted(),
+            "in_flight": sum(self.in_flight.values()),
+            "admission_limit": self.admission_limit(),
+            "headroom": self.headroom(),
+            "stored_total": c["stored"],
+            "delivered_total": c["delivered"],
+            "dropped_stale": c["dropped_stale"],
+            "dropped_filtered": c["dropped_filtered"],
+            "dropped_by_reason": {k[5:]: v for k, v in c.items() if k.startswith("drop:")},
+            "depth_by_version": {str(k): v for k, v in self.depth_by_version().items()},
+            "cursor": self.cursor(),
+        }
