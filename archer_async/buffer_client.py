@@ -241,8 +241,16 @@ class BufferClient:
         self._on_restart()
 
     def _handle_ack(self, header: dict, _payload) -> None:
-        rid, status = header.get("rid"), header.get("status")
-        p = self._unacked.get(rid)
+        if header.get("status") == "acks":  # [[rid, status, group_id], ...] of one group commit
+            items = header.get("acks")
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, list) and len(item) >= 2:
+                    self._handle_one(item[0], item[1], header)
+            return
+        self._handle_one(header.get("rid"), header.get("status"), header)
+
+    def _handle_one(self, rid, status, header: dict) -> None:
+        p = self._unacked.get(rid) if isinstance(rid, int) else None
         if p is None:
             return
         if status in ("stored", "duplicate", "dropped_stale", "dropped_filtered"):

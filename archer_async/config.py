@@ -132,9 +132,11 @@ class BufferConfig(_Section):
     """Largest ZMQ message the buffer accepts; bigger ones are refused by the socket."""
     max_commit_batch: int = 512
     """Most ingest messages appended per group commit (one fsync per batch)."""
-    verify_payload: bool = True
+    verify_payload: bool = False
     """Decode every ingested group's msgpack and check it against the producer's header (ids,
-    rewards). False trusts the authenticated producer (faster ingest; the learner still validates)."""
+    rewards). False (default): every put is authenticated (MAC over all its bytes), so the buffer only
+    checks that the payload is a msgpack map starting with the header's group_id; the learner decodes
+    and validates the groups it trains on. True costs ~0.5 ms per 229 KB group of server CPU."""
 
 
 class LearnerConfig(_Section):
@@ -143,7 +145,7 @@ class LearnerConfig(_Section):
     gpus_per_rank: float = 0.0
     """GPUs each learner rank requests (0 on CPU: gloo; 1 on GPU: NCCL)."""
     cpus_per_rank: float = 1.0
-    """CPUs each learner rank requests from Ray."""
+    """CPUs each learner rank requests from Ray (on CPU also the rank's torch thread count)."""
     node_label: Optional[str] = None
     """Ray custom resource the learner's nodes must have; None: anywhere."""
     batch_groups: int = 8

@@ -9,7 +9,9 @@ Every ZMQ message between a buffer client and the buffer server is four frames:
 - header: a msgpack map (``op``, ``rid`` request id, arguments / ``status`` and results).
 - payload: raw bytes (an encoded TrajectoryGroup for ``put``; a msgpack array of groups for a sample
   reply; empty otherwise).
-- mac: HMAC-SHA256(secret, proto || u32 len(header) || header || payload), 32 bytes.
+- mac: BLAKE3 keyed hash (key: the run secret) of proto || u32 len(header) || header || payload,
+  32 bytes. Keyed BLAKE3 is a MAC (a PRF under its key) like HMAC-SHA256, at ~6 GB/s instead of
+  ~1-2 GB/s here, so authenticating every byte of a 229 KB group costs ~0.04 ms, not ~0.3 ms.
 
 The secret is per run: 32 random bytes, hex, in ``RUN_DIR/buffer/secret`` with file mode 0600,
 created by whichever process needs it first (O_EXCL, so concurrent creators agree). A frame whose MAC
@@ -29,13 +31,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import blake3
 import msgspec
 
 from archer_async.config import UserError
 
-PROTO_REQ = b"AAB1q"
+PROTO_REQ = b"AAB2q"
 """First frame of a request (client -> server)."""
-PROTO_REP = b"AAB1r"
+PROTO_REP = b"AAB2r"
 """First frame of a reply (server -> client)."""
 MAC_BYTES = 32
 SECRET_BYTES = 32
@@ -148,8 +151,8 @@ def read_endpoints(run_dir: str | os.PathLike, wait_s: float = 0.0) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Framing.
 
-def _mac(secret: bytes, proto: bytes, header: bytes, payload) -> bytes:
-    h = hmac.new(secret, proto, hashlib.sha256)
+def _mac(key: bytes, proto: bytes, header: bytes, payload) -> bytes:
+    h = blake3.blake3(proto, key=key)
     h.update(_LEN.pack(len(header)))
     h.update(header)
     h.update(payload)
@@ -167,7 +170,8 @@ class Signer:
     def __init__(self, secret: bytes):
         if len(secret) < 16:
             raise SecretError("buffer secret too short")
-        self._secret = bytes(secret)
+        secret = bytes(secret)  # BLAKE3 takes exactly 32 key bytes
+        self._secret = secret if len(secret) == 32 else hashlib.sha256(secret).digest()
 
     def pack(self, proto: bytes, header: dict, payload: bytes | memoryview = b"") -> list:
         """Frames [proto, header, payload, mac] ready for send_multipart."""

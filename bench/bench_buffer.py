@@ -1,16 +1,18 @@
 """Buffer ingest throughput vs raw pyzmq PUSH/PULL of the same bytes, measured side by side.
 
-    .venv/bin/python bench/bench_buffer.py [--groups 1000] [--producers 2] [--samples 16] [--tokens 1000]
+    .venv/bin/python bench/bench_buffer.py [--groups 1000] [--producers 2] [--repeats 5] [--samples 16] [--tokens 1000]
 
 Each group: `--samples` responses of `--tokens` tokens (random token ids and log-probs), encoded once
 (msgspec msgpack, ~230 KB for 16 x 1000); producers only patch the group id into the bytes. Modes,
-all with the same producer processes and bytes:
+all with the same producer processes and bytes, interleaved within each repetition:
   raw          pyzmq PUSH (one per producer) -> one PULL process; time until the last byte arrives
-  buffer/nosync the buffer process (`python -m buffer`), HMAC-signed puts, CRC-framed log writes,
-               acknowledgement after the write (buffer.fsync=false)
+  raw+curve    the same with CurveZMQ on the sockets (authenticated encryption in libzmq's I/O threads)
+  buffer/nosync the buffer process (`python -m buffer`), every put MAC'd (keyed BLAKE3 over all bytes),
+               XXH3-checked log records, one ack message per producer per batch (buffer.fsync=false)
   buffer/fsync same with one fsync per batch before acknowledging (buffer.fsync=true, the default)
-  buffer/fsync+trust  same, with buffer.verify_payload=false (no server-side msgpack decode)
+  buffer/fsync+verify same as fsync with buffer.verify_payload=true (server-side msgpack decode)
 Throughput = groups / seconds from the producers' start barrier to the last ack (or receive).
+Reported: median over the repetitions and the min-max spread; % of raw = median / median of raw.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,63 +58,86 @@ def group_bytes(head: bytes, tail: bytes, k: int) -> tuple[str, bytes]:
     return gid, head + gid.encode() + tail
 
 
-def raw_producer(addr, ids, head, tail, barrier):
+def proc_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of process `pid`, all its threads (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_producer(addr, ids, head, tail, barrier, cpu, keys=None):
     import zmq
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
+    if keys is not None:  # (client public, client secret, server public), z85
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = keys
     s.connect(addr)
     barrier.wait()
+    c0 = time.process_time()
     for k in ids:
         s.send(group_bytes(head, tail, k)[1], copy=False)
     s.close(linger=-1)
     ctx.term()
+    cpu.put(time.process_time() - c0)
 
 
-def buffer_producer(run_dir, ids, head, tail, meta, barrier, window):
+def buffer_producer(run_dir, ids, head, tail, meta, barrier, window, cpu):
     from archer_async.buffer_client import BufferClient
     c = BufferClient.from_run_dir(run_dir, client_id=f"bench-{os.getpid()}", max_pending=window)
     c.ping()
     barrier.wait()
+    c0 = time.process_time()
     for k in ids:
         gid, data = group_bytes(head, tail, k)
         c.submit_encoded(gid, data, dict(meta, gid=gid))
     res = c.flush(timeout=600)
+    cpu.put(time.process_time() - c0)
     assert len(res) == len(ids) and all(r.status == "stored" for r in res), res[:3]
     c.close()
 
 
-MODES = ("raw", "buffer/nosync", "buffer/fsync", "buffer/fsync+trust")
+MODES = ("raw", "raw+curve", "buffer/nosync", "buffer/fsync", "buffer/fsync+verify")
 
 
 def split(n, p):
     return [list(range(i, n, p)) for i in range(p)]
 
 
-def run_raw(n, p, head, tail) -> float:
+def run_raw(n, p, head, tail, curve: bool = False) -> tuple[float, float, float]:
+    """(seconds, producers' CPU seconds, receiver's CPU seconds)."""
     import zmq
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
+    keys = None
+    if curve:
+        spub, ssec = zmq.curve_keypair()
+        cpub, csec = zmq.curve_keypair()
+        pull.curve_server, pull.curve_secretkey, pull.curve_publickey = True, ssec, spub
+        keys = (cpub, csec, spub)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     mpc = mp.get_context("spawn")
-    barrier = mpc.Barrier(p + 1)
-    procs = [mpc.Process(target=raw_producer, args=(f"tcp://127.0.0.1:{port}", ids, head, tail, barrier))
+    barrier, cpu = mpc.Barrier(p + 1), mpc.Queue()
+    procs = [mpc.Process(target=raw_producer, args=(f"tcp://127.0.0.1:{port}", ids, head, tail, barrier, cpu, keys))
              for ids in split(n, p)]
     for pr in procs:
         pr.start()
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), proc_cpu_s(os.getpid())
     nbytes = 0
     for _ in range(n):
         nbytes += len(pull.recv(copy=False))
-    dt = time.perf_counter() - t0
+    dt, recv_cpu = time.perf_counter() - t0, proc_cpu_s(os.getpid()) - c0
+    prod_cpu = sum(cpu.get() for _ in procs)
     for pr in procs:
         pr.join()
     pull.close()
     ctx.term()
-    return dt
+    return dt, prod_cpu, recv_cpu
 
 
-def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, base: Path) -> tuple[float, int]:
+def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, base: Path
+               ) -> tuple[float, int, float, float]:
+    """(seconds, log bytes, producers' CPU seconds, buffer process CPU seconds)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-buffer-", dir=base))
     cfg = {"capacity": n + 10, "fsync": fsync, "max_staleness": 1000, "verify_payload": verify}
     server = subprocess.Popen([sys.executable, "-m", "buffer", "--run-dir", str(run_dir), "--config-json",
@@ -119,16 +145,17 @@ def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, b
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     server.stdout.readline()  # endpoints: ready
     mpc = mp.get_context("spawn")
-    barrier = mpc.Barrier(p + 1)
-    procs = [mpc.Process(target=buffer_producer, args=(str(run_dir), ids, head, tail, meta, barrier, window))
+    barrier, cpu = mpc.Barrier(p + 1), mpc.Queue()
+    procs = [mpc.Process(target=buffer_producer, args=(str(run_dir), ids, head, tail, meta, barrier, window, cpu))
              for ids in split(n, p)]
     for pr in procs:
         pr.start()
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), proc_cpu_s(server.pid)
+    prod_cpu = sum(cpu.get() for _ in procs)  # arrives when a producer has all its acks
     for pr in procs:
         pr.join()
-    dt = time.perf_counter() - t0
+    dt, server_cpu = time.perf_counter() - t0, proc_cpu_s(server.pid) - c0
     ok = all(pr.exitcode == 0 for pr in procs)
     server.terminate()
     server.wait(30)
@@ -136,7 +163,7 @@ def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, b
     shutil.rmtree(run_dir, ignore_errors=True)
     if not ok:
         raise SystemExit("a producer failed")
-    return dt, disk
+    return dt, disk, prod_cpu, server_cpu
 
 
 def main() -> None:
@@ -146,7 +173,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--window", type=int, default=32, help="unacknowledged puts per producer")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--dir", default="", help="where the buffer's run dirs go (default: a temp dir)")
     args = ap.parse_args()
     head, tail, meta = template(args.samples, args.tokens)
@@ -154,24 +182,30 @@ def main() -> None:
     base = Path(args.dir or tempfile.gettempdir())
     n, p = args.groups, args.producers
     print(f"{n} groups x {args.samples} samples x {args.tokens} tokens = {size} bytes/group, "
-          f"{p} producer processes, window {args.window}", flush=True)
-    rows = {}
+          f"{p} producer processes, window {args.window}; load average {os.getloadavg()}", flush=True)
+    rows: dict[str, list] = {}
     for rep in range(args.repeats):  # interleaved, so every mode sees the same machine load
-        for mode in MODES:
-            if mode == "raw":
-                dt, disk = run_raw(n, p, head, tail), 0
+        for mode in args.modes.split(","):
+            if mode.startswith("raw"):
+                dt, pc, rc = run_raw(n, p, head, tail, curve=mode == "raw+curve")
+                disk = 0
             else:
-                dt, disk = run_buffer(n, p, head, tail, meta, "nosync" not in mode, "trust" not in mode,
-                                      args.window, base)
-            rows.setdefault(mode, []).append((dt, disk))
-            print(f"  rep {rep} {mode:14s} {n / dt:9.0f} groups/s {n * size / dt / 1e6:8.0f} MB/s", flush=True)
-    best_raw = min(dt for dt, _ in rows["raw"])
-    print("\n| mode | groups/s | MB/s | % of raw | log bytes on disk |")
-    print("|---|---:|---:|---:|---:|")
+                dt, disk, pc, rc = run_buffer(n, p, head, tail, meta, "nosync" not in mode, "verify" in mode,
+                                              args.window, base)
+            rows.setdefault(mode, []).append((n / dt, disk, 1e3 * pc / n, 1e3 * rc / n))
+            print(f"  rep {rep} {mode:20s} {n / dt:9.0f} groups/s {n * size / dt / 1e6:8.0f} MB/s  CPU ms/group: "
+                  f"producers {1e3 * pc / n:.3f} receiver {1e3 * rc / n:.3f}", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    raw_med = statistics.median(r[0] for r in rows.get("raw", [(float("nan"),)]))
+    print("\n| mode | groups/s median (min-max) | MB/s median | % of raw (median) | CPU ms/group producers "
+          "| CPU ms/group receiver | log bytes on disk |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, rs in rows.items():
-        dt = min(d for d, _ in rs)
-        print(f"| {mode} | {n / dt:,.0f} | {n * size / dt / 1e6:,.0f} | {100 * best_raw / dt:.0f}% | "
-              f"{rs[0][1]:,} |")
+        rates = [r[0] for r in rs]
+        med = statistics.median(rates)
+        print(f"| {mode} | {med:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {med * size / 1e6:,.0f} | "
+              f"{100 * med / raw_med:.0f}% | {statistics.median(r[2] for r in rs):.3f} | "
+              f"{statistics.median(r[3] for r in rs):.3f} | {rs[0][1]:,} |")
 
 
 if __name__ == "__main__":

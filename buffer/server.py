@@ -1,10 +1,11 @@
 """The buffer process: ZMQ ingest from actors, sample/stats/admission for the learner and dashboard.
 
 Two ROUTER sockets (RUN_DIR/buffer/endpoints.json names them): ``ingest`` takes ``put`` messages
-(one encoded TrajectoryGroup each) and acknowledges each group once its record is durable;
+(one encoded TrajectoryGroup each) and acknowledges groups once their records are durable (one ack
+message per producer per group commit, listing [rid, status, group_id] of each of its groups);
 ``control`` serves sample / stats / admission / reserve / release / set_version / rewind / ping.
-Every message is HMAC-signed with the run's secret (archer_async.wire); others are counted and
-refused. One thread runs the loop; the fsync of batch k runs in a helper thread while the loop
+Every message carries a MAC under the run's secret over all its bytes (archer_async.wire); others
+are counted and refused. One thread runs the loop; the fsync of batch k runs in a helper thread while the loop
 verifies and decodes batch k+1 (group commit: one fsync per batch, however many producers).
 
 Start it as a process (``python -m buffer --run-dir D [--config-json J]``) or inside any Python
@@ -208,13 +209,14 @@ class BufferServer:
         for _, _, _, _, client, held in prepared:
             if held is not None:  # the producer's own count of prompts it still has in flight
                 self.store.table.in_flight[client] = held
+        acks: dict[bytes, list] = {}  # one ack message per producer per batch, not one per group
+        full: dict[bytes, list] = {}
         for (ident, rid, meta, _, _, _), status in zip(prepared, statuses):
-            h = {"rid": rid, "status": status, "gid": meta.group_id}
-            if status == "full":
-                h["retry_ms"] = 100
-                self._reply(self.ingest, ident, h)
-            else:
-                staged.append((self.ingest, ident, h, b""))
+            (full if status == "full" else acks).setdefault(ident, []).append([rid, status, meta.group_id])
+        for ident, items in full.items():  # not stored: answer now, the producer re-sends later
+            self._reply(self.ingest, ident, {"rid": -1, "status": "acks", "acks": items, "retry_ms": 100})
+        for ident, items in acks.items():  # sent after the fsync that covers them
+            staged.append((self.ingest, ident, {"rid": -1, "status": "acks", "acks": items}, b""))
 
     def _admission(self) -> dict:
         t = self.store.table

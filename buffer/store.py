@@ -110,16 +110,37 @@ class _ProducerMeta(msgspec.Struct):
     ts: float = 0.0
 
 
+_GID_KEY = msgspec.msgpack.encode("group_id")
+
+
+def check_group_prefix(payload, group_id: str) -> None:
+    """Cheap structural check (no decode, O(len(group_id))): the payload is a msgpack map whose first
+    entry is group_id == `group_id`, as encode_group writes it. ValueError if not."""
+    mv = memoryview(payload)
+    if len(mv) < 2:
+        raise ValueError("not a TrajectoryGroup: payload too short")
+    first = mv[0]
+    skip = 1 if 0x80 <= first <= 0x8F else 3 if first == 0xDE else 5 if first == 0xDF else 0
+    if not skip:
+        raise ValueError("not a TrajectoryGroup: payload is not a msgpack map")
+    want = _GID_KEY + msgspec.msgpack.encode(group_id)
+    if mv[skip:skip + len(want)] != want:
+        raise ValueError(f"payload does not start with group_id {group_id!r} of its header")
+
+
 def meta_from_header(header_meta, payload, verify: bool = True) -> GroupMeta:
-    """GroupMeta from the producer's put header (BufferClient's group_header). verify: check the
-    payload is a TrajectoryGroup with the same id, sample ids and rewards. ValueError if not."""
+    """GroupMeta from the producer's put header (BufferClient's group_header). verify: decode the
+    payload and check it is a TrajectoryGroup with the same id, sample ids and rewards; otherwise
+    only check_group_prefix (the producer is authenticated by the MAC). ValueError if not."""
     try:
         m = msgspec.convert(header_meta, _ProducerMeta)
     except (msgspec.ValidationError, TypeError) as e:
         raise ValueError(f"bad group header: {e}") from None
     if not m.gid or not m.sids or len(m.sids) != len(m.rws):
         raise ValueError("group header without id or samples")
-    if verify:
+    if not verify:
+        check_group_prefix(payload, m.gid)
+    else:
         try:
             g = _CHECK_DEC.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:

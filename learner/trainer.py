@@ -308,20 +308,33 @@ class Learner:
         })
         return out
 
-    def step_from_buffer(self, timeout_s: Optional[float] = None) -> dict[str, Any]:
+    def step_from_buffer(self, poll_s: float = 10.0) -> dict[str, Any]:
         """One training step on `batch_groups` groups sampled from the run's replay buffer.
 
-        Rank 0 is the buffer's only consumer: it waits for groups trainable at the current version,
-        trains, then tells the buffer the new version (admission and staleness follow it).
+        Rank 0 is the buffer's only consumer. While it waits for groups trainable at the current
+        version, every rank meets in a small broadcast every `poll_s` seconds, so no collective ever
+        waits longer than that (however slow generation is). After the step rank 0 tells the buffer
+        the new version (admission and staleness follow it).
         """
-        fetch = None
-        if self.rank == 0:
-            if self._buffer is None:
-                from archer_async.buffer_client import BufferClient
+        t0 = time.perf_counter()
+        batch = None
+        while True:
+            if self.rank == 0:
+                if self._buffer is None:
+                    from archer_async.buffer_client import BufferClient
 
-                self._buffer = BufferClient.from_run_dir(self.run_dir, client_id="learner")
-            fetch = lambda n, v: self._buffer.sample(n, v, timeout=timeout_s)  # noqa: E731
-        out = self.step(fetch)
+                    self._buffer = BufferClient.from_run_dir(self.run_dir, client_id="learner")
+                from archer_async.buffer_client import BufferTimeout
+
+                try:
+                    batch = self._buffer.sample(self.lcfg.batch_groups, self.version, timeout=poll_s)
+                except BufferTimeout:
+                    batch = None
+            if broadcast_object(batch is not None, src=0):
+                break
+        waited = time.perf_counter() - t0
+        out = self.step((lambda n, v: batch) if self.rank == 0 else None)
+        out["learner/wait_for_data_s"] = waited
         if self.rank == 0:
             self._buffer.set_version(self.version)
         return out

@@ -110,3 +110,42 @@ def test_store_torn_group_record_yields_committed_groups(tmp_path):
         s2 = BufferStore(tmp_path, cfg, 8)
         assert [e.meta.group_id for e in s2.table.entries] == [g.group_id for g in groups[:3]]
         s2.close()
+
+
+def test_legacy_crc32_records_replay_and_sync_drops_page_cache(tmp_path):
+    import zlib
+
+    from buffer.segment_log import HEADER
+
+    old = b""  # two records framed the way earlier versions wrote them (CRC32 check)
+    for rtype, body in ((1, b"old-one"), (2, b"old-two")):
+        tb = bytes([rtype]) + body
+        old += HEADER.pack(len(tb), zlib.crc32(tb)) + tb
+    (tmp_path / "00000001.open").write_bytes(old + b"\x05\x00\x00\x00torn")
+    log, got = _replay(tmp_path, fsync=True)
+    assert got == [(1, b"old-one"), (2, b"old-two")] and log.tail.truncated_bytes == 8
+    log.append([(3, [b"new-", b"format"])])
+    log.sync()
+    assert log._dropped == log._size  # synced pages handed back to the kernel
+    log.close()
+    _, again = _replay(tmp_path)
+    assert again == [(1, b"old-one"), (2, b"old-two"), (3, b"new-format")]
+
+
+def test_group_prefix_check_without_decode():
+    import msgspec
+
+    from archer_async.types import encode_group
+    from buffer.store import check_group_prefix, meta_from_header
+    from archer_async.buffer_client import group_header
+
+    g = make_group(7)
+    data = encode_group(g)
+    check_group_prefix(data, g.group_id)
+    assert meta_from_header(group_header(g), data, verify=False).group_id == g.group_id
+    for bad_payload, gid in ((data, "a-g8"), (data, "a-g"), (msgspec.msgpack.encode([g.group_id]), g.group_id),
+                             (b"", g.group_id), (data[:5], g.group_id)):
+        with pytest.raises(ValueError):
+            check_group_prefix(bad_payload, gid)
+    with pytest.raises(ValueError):  # an authentic header describing another group's bytes
+        meta_from_header(group_header(make_group(8)), data, verify=False)

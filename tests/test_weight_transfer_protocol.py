@@ -1,0 +1,191 @@
+"""The weight-transfer wire protocol (archer_async.weight_transfer) without vLLM: a real TCPStore and
+real gloo groups on 127.0.0.1, receivers in threads of the test process."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+
+from archer_async.weight_transfer import (
+    SyncInit, WeightReceiver, WeightSender, WeightSyncError, make_sync_init, pack_bucket, receiver_rank,
+    unpack_bucket,
+)
+
+
+def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("model.embed_tokens.weight", torch.randn(37, 16, generator=g)),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(16, 16, generator=g).to(torch.bfloat16)),
+        ("model.layers.0.self_attn.q_proj.bias", torch.randn(16, generator=g).half()),
+        ("model.norm.weight", torch.randn(16, generator=g)[::2]),  # non-contiguous view
+        ("step", torch.tensor(7, dtype=torch.int64)),  # 0-dim
+        ("empty", torch.empty(0, 3)),
+    ]
+
+
+def _run_receiver(init: SyncInit, version, out: dict, timeout_s=None):
+    try:
+        rx = WeightReceiver(init)
+        rx.connect()
+        versions = version if isinstance(version, list) else [version]
+        for v in versions:
+            out.setdefault("got", []).append([(n, t.clone()) for n, t in rx.receive(v, timeout_s=timeout_s)])
+            out.setdefault("stats", []).append(rx.last_stats)
+    except Exception as e:  # reported to the test thread
+        out["error"] = e
+
+
+def _start(init: SyncInit, ranks, version, timeout_s=None):
+    outs, threads = [], []
+    for r in ranks:
+        out: dict = {}
+        th = threading.Thread(target=_run_receiver, args=(init.for_rank(r), version, out, timeout_s), daemon=True)
+        th.start()
+        outs.append(out)
+        threads.append(th)
+    return outs, threads
+
+
+def test_pack_unpack_roundtrip_keeps_dtype_shape_and_values():
+    ws = _weights()
+    header, flat = pack_bucket(ws, torch.device("cpu"))
+    assert all(o % 64 == 0 for o in header["offsets"])
+    back = unpack_bucket(header, flat)
+    for (n, t), (m, u) in zip(ws, back):
+        assert n == m and t.dtype == u.dtype and t.shape == u.shape
+        assert torch.equal(t, u)
+
+
+def test_two_receivers_two_versions_multi_bucket():
+    init = make_sync_init(num_actors=2, timeout_s=20)
+    sender = WeightSender(init)
+    outs, threads = _start(init, [receiver_rank(0), receiver_rank(1)], [1, 2])
+    sender.connect()
+    s1 = sender.send(iter(_weights(1)), version=1, bucket_bytes=300)
+    s2 = sender.send(_weights(2), version=2, bucket_bytes=1 << 20)
+    for th in threads:
+        th.join(20)
+    assert s1["num_buckets"] >= 3 and s2["num_buckets"] == 1
+    assert s1["num_tensors"] == len(_weights()) and s1["receivers"] == 2
+    for out in outs:
+        assert "error" not in out, out.get("error")
+        for got, seed in zip(out["got"], (1, 2)):
+            want = _weights(seed)
+            assert [n for n, _ in got] == [n for n, _ in want]
+            for (_, a), (_, b) in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        assert out["stats"][0]["num_buckets"] == s1["num_buckets"]
+
+
+def test_sender_holds_at_most_one_bucket():
+    """Peak memory: tensors produced by the iterator are released once their bucket is sent."""
+    init = make_sync_init(num_actors=1, timeout_s=20)
+    sender = WeightSender(init)
+    outs, threads = _start(init, [1], 0)
+    sender.connect()
+    alive: list = []
+    peak = [0]
+
+    def gen():
+        for i in range(40):
+            t = torch.full((256,), float(i))  # 1 KiB each
+            alive.append(weakref.ref(t))
+            peak[0] = max(peak[0], sum(r() is not None for r in alive))
+            yield f"w{i}", t
+            del t
+
+    stats = sender.send(gen(), version=0, bucket_bytes=4096)
+    threads[0].join(20)
+    assert "error" not in outs[0], outs[0].get("error")
+    assert stats["num_buckets"] == 10
+    assert peak[0] <= 5, f"{peak[0]} tensors alive at once with 4-tensor buckets"
+    assert [float(t[0]) for _, t in outs[0]["got"][0]] == [float(i) for i in range(40)]
+
+
+def test_version_mismatch_fails_loudly_on_both_sides():
+    init = make_sync_init(num_actors=1, timeout_s=2)
+    sender = WeightSender(init)
+    outs, threads = _start(init, [1], 5, timeout_s=2)
+    sender.connect()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match="not ready for version 6"):
+        sender.send(_weights(), version=6)
+    assert time.monotonic() - t0 < 6
+    threads[0].join(10)
+    assert isinstance(outs[0].get("error"), WeightSyncError)
+    assert "version 5" in str(outs[0]["error"])
+
+
+def test_connect_deadline_names_missing_receiver():
+    init = make_sync_init(num_actors=2, timeout_s=1.5)
+    outs, threads = _start(init, [1], [])  # rank 2 never comes
+    sender = WeightSender(init)
+    with pytest.raises(WeightSyncError, match=r"ranks \[2\]"):
+        sender.connect()
+    threads[0].join(5)
+
+
+def test_receiver_lost_mid_update_fails_sender_within_deadline_then_next_update_works():
+    init = make_sync_init(num_actors=1, timeout_s=4)
+    sender = WeightSender(init)
+    rx = WeightReceiver(init.for_rank(1))
+    box: dict = {}
+
+    def half_then_quit():
+        rx.connect()
+        it = rx.receive(1)
+        next(it)  # first tensor of the first bucket, then the consumer walks away
+        it.close()
+        box["closed"] = True
+        box["got"] = [(n, t.clone()) for n, t in rx.receive(2)]
+
+    th = threading.Thread(target=half_then_quit, daemon=True)
+    th.start()
+    sender.connect()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError):
+        sender.send(_weights(), version=1, bucket_bytes=1000)
+    assert time.monotonic() - t0 < 10
+    sender.send(_weights(3), version=2)
+    th.join(10)
+    assert box.get("closed")
+    assert torch.equal(box["got"][0][1], _weights(3)[0][1])
+
+
+def test_receiver_reconnects_after_sender_restart():
+    init = make_sync_init(num_actors=1, timeout_s=10)
+    s1 = WeightSender(init)
+    out: dict = {}
+    th = threading.Thread(target=_run_receiver, args=(init.for_rank(1), [1, 2], out), daemon=True)
+    th.start()
+    s1.connect()
+    s1.send(_weights(1), version=1)
+    s1.close()
+    del s1
+    time.sleep(0.2)
+    s2 = WeightSender(init.to_dict())  # same address: a restarted learner
+    s2.connect()  # the receiver notices the new store and says hello again
+    s2.send(_weights(2), version=2)
+    th.join(10)
+    assert "error" not in out, out.get("error")
+    assert torch.equal(out["got"][1][0][1], _weights(2)[0][1])
+
+
+def test_sync_init_from_config_resolves_backend_and_ranks():
+    from archer_async.config import Config
+    from archer_async.weight_transfer import sync_init_from_config
+
+    cfg = Config.model_validate({"actors": {"num_actors": 3}, "sync": {"timeout_s": 7}})
+    init = sync_init_from_config(cfg)
+    assert init.backend == "gloo" and init.world_size == 4 and init.timeout_s == 7 and init.store_port > 0
+    assert [init.for_rank(receiver_rank(i)).rank for i in range(3)] == [1, 2, 3]
+    assert SyncInit.from_any(init.for_rank(2).to_dict()) == init.for_rank(2)
+    gpu = Config.model_validate({"actors": {"gpus_per_actor": 1}, "learner": {"gpus_per_rank": 1}})
+    assert sync_init_from_config(gpu).backend == "nccl"
+    with pytest.raises(ValueError):
+        init.for_rank(4)
