@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--json", action="store_true", help="machine-readable output")
 
     bt = sub.add_parser("build-tiny", help="(re)build the embedded tiny model and tokenizer")
-    bt.add_argument("--out", default="", help="output directory (default: the cache directory)")
+    bt.add_argument("--out", default="", help="output directory (default: archer_async/assets/tiny, the shipped model)")
     bt.add_argument("--force", action="store_true", help="rebuild even if present")
 
     md = sub.add_parser("make-data", help="write the embedded tiny task data as verl-format JSONL")

@@ -1,0 +1,151 @@
+"""Preflight checks and the Ray cluster's life: everything a run needs before and around its roles."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from archer_async.config import Config, UserError
+
+log = logging.getLogger("launch")
+
+
+@dataclass
+class Preflight:
+    """What the run checked before starting anything."""
+
+    model_path: Path
+    """The model directory every role loads."""
+    num_train: int
+    """Training prompts available."""
+    num_eval: int
+    """Held-out prompts available."""
+    restore: dict = field(default_factory=dict)
+    """On resume: the latest checkpoint's learner_state.json (step, version, extra_state)."""
+    checkpoint: Optional[Path] = None
+    """On resume: the checkpoint directory."""
+
+
+def preflight(cfg: Config, resume: bool) -> Preflight:
+    """Model directory, data files, checkpoint: UserError naming the key or file, before any process starts."""
+    from archer_async.data import default_datasets
+    from archer_async.tiny import tiny_model_path
+
+    model = Path(cfg.model.path) if cfg.model.path else tiny_model_path()
+    if not model.is_dir():
+        raise UserError(f"model.path {str(model)!r}: directory not found")
+    cfg_file = model / "config.json"
+    try:
+        json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"model.path {str(model)!r}: not a Hugging Face model directory (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path {str(model)!r}: config.json is unreadable ({e})") from None
+    if not any((model / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"model.path {str(model)!r}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not list(model.glob("*.safetensors")) and not list(model.glob("*.bin")):
+        raise UserError(f"model.path {str(model)!r}: no weights (*.safetensors or *.bin)")
+    train_rows, eval_rows = default_datasets(cfg.data)
+    if not train_rows:
+        raise UserError("data.train_files: no training rows")
+    pre = Preflight(model.resolve(), len(train_rows), len(eval_rows))
+    if resume:
+        pre.checkpoint, pre.restore = read_latest_checkpoint(Path(cfg.run_dir))
+    return pre
+
+
+def read_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """checkpoints/latest -> (step dir, its learner_state.json); UserError when missing or incomplete."""
+    root = run_dir / "checkpoints"
+    latest = root / "latest"
+    if not latest.is_file():
+        raise UserError(f"{run_dir}: no checkpoint to resume from ({latest} missing)")
+    step_dir = root / latest.read_text().strip()
+    if not (step_dir / "DONE").is_file():
+        raise UserError(f"{step_dir}: checkpoint is incomplete (no DONE marker)")
+    try:
+        state = json.loads((step_dir / "learner_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{step_dir}: corrupt checkpoint (learner_state.json: {e})") from None
+    return step_dir, state
+
+
+def eval_rows(cfg: Config) -> list[dict]:
+    """Held-out rows used by in-run evaluation (the first launch.eval_max_problems)."""
+    from archer_async.data import default_datasets
+
+    _, rows = default_datasets(cfg.data)
+    return rows[: cfg.launch.eval_max_problems]
+
+
+def role_env() -> dict[str, str]:
+    """Environment every role process gets (vLLM on CPU needs unbound OpenMP threads)."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "WANDB_MODE", "OMP_NUM_THREADS"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """Total CPUs, GPUs and node labels the run's roles declare."""
+    need = {
+        "CPU": cfg.actors.num_actors * cfg.actors.cpus_per_actor + cfg.learner.num_ranks * cfg.learner.cpus_per_rank + 0.1,
+        "GPU": cfg.actors.num_actors * cfg.actors.gpus_per_actor + cfg.learner.num_ranks * cfg.learner.gpus_per_rank,
+    }
+    for label, n in ((cfg.actors.node_label, cfg.actors.num_actors), (cfg.learner.node_label, cfg.learner.num_ranks),
+                     (cfg.buffer.node_label, 1)):
+        if label:
+            need[label] = need.get(label, 0.0) + 0.001 * n
+    return need
+
+
+def start_ray(cfg: Config, pre: Preflight) -> None:
+    """Join launch.ray_address or start a local cluster; fail (and leave nothing running) if the roles
+    cannot fit the cluster's resources."""
+    import ray
+
+    need = required_resources(cfg)
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if cfg.launch.ray_address:
+        ray.init(address=cfg.launch.ray_address, **kwargs)
+    else:
+        # Roles mostly wait on each other: a local cluster advertises enough logical CPUs for all of them.
+        num_cpus = cfg.launch.num_cpus or max(os.cpu_count() or 1, int(need["CPU"] + 0.999))
+        ray.init(num_cpus=num_cpus, **kwargs)
+    have = ray.cluster_resources()
+    short = [f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0) + 1e-9]
+    if short:
+        ray.shutdown()
+        raise UserError("the roles do not fit the cluster's resources (" + "; ".join(short) + ")")
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def make_sync(cfg: Config, host: str, store_port: int):
+    """The weight-transfer rendezvous (learner rank 0 + one receiver per actor)."""
+    from archer_async.weight_transfer import make_sync_init
+
+    backend = cfg.sync.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.learner.gpus_per_rank > 0 and cfg.actors.gpus_per_actor > 0 else "gloo"
+    return make_sync_init(cfg.actors.num_actors, backend=backend, host=host, timeout_s=cfg.sync.timeout_s,
+                          store_port=store_port)
