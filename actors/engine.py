@@ -89,6 +89,9 @@ def is_cpu_only() -> bool:
         return True
 
 
+_CPU_ONLY = is_cpu_only()
+
+
 class VLLMBackend:
     """vLLM AsyncLLM with the project's weight-transfer engine ("archer", see archer_async.vllm_plugin)."""
 
@@ -142,8 +145,11 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        # vLLM 0.32 on CPU crashes the engine ("CPU Generator does not use offset") when a request
+        # with its own seed is prefilled in chunks; there the engine's seeded global generator is used.
+        seed = None if _CPU_ONLY else p.seed
         sp = SamplingParams(n=1, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
-                            logprobs=0, seed=p.seed, stop_token_ids=p.stop_token_ids,
+                            logprobs=0, seed=seed, stop_token_ids=p.stop_token_ids,
                             output_kind=RequestOutputKind.DELTA, detokenize=False)
         toks: list[int] = []
         lps: list[float] = []

@@ -368,7 +368,8 @@ class RolloutActor:
                          for sid, c, r, t in zip(ids, comps, rewards, texts)],
                 created_at=time.time())
             client = self._buffer_client()
-            await self._buf(lambda: client.put(group, timeout=None))  # re-sent until acknowledged
+            res = await self._buf(lambda: client.put(group, timeout=None))  # re-sent until acknowledged
+            self._record_ack(group.group_id, getattr(res, "status", ""))
             self.groups_sent += 1
             self.acked_group_ids.append(group.group_id)
             with self._data_lock:
@@ -378,6 +379,15 @@ class RolloutActor:
         except Exception as e:
             log.exception("%s: rollout of prompt %d failed", self.actor_id, idx)
             self.error = e
+
+    def _record_ack(self, group_id: str, status: str) -> None:
+        """Append the buffer's acknowledgement to RUN_DIR/actors/<actor_id>.acked.jsonl (the producer's
+        side of exactly-once accounting: every group listed here must be in the buffer's log)."""
+        try:
+            with open(self.run_dir / "actors" / f"{self.actor_id}.acked.jsonl", "a") as f:
+                f.write(json.dumps({"group_id": group_id, "status": status}) + "\n")
+        except OSError as e:  # bookkeeping must never stop generation
+            log.warning("%s: ack record: %s", self.actor_id, e)
 
     async def _sample(self, prompt_ids: list[int], p: SampleParams, rid: str):
         self._requests[rid] = self.engine.version

@@ -34,7 +34,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: Optional[str] = None
-    """Local Hugging Face model directory. None: the embedded tiny model (built on first use)."""
+    """Local Hugging Face model directory. None: the shipped tiny model (archer_async/assets/tiny)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the learner and the actors' engines (bf16 on GPU, float32 on CPU)."""
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"

@@ -308,13 +308,14 @@ class ActorMetricsWriter:
 
 
 def write_run_status(run_dir: str | Path, state: str, **extra: Any) -> dict:
-    """Write RUN_DIR/status.json atomically; ``state`` is "running", "finished" or "failed".
+    """Write RUN_DIR/status.json atomically; ``state`` is "running", "finished", "failed" or "stopped"
+    (interrupted by Ctrl-C / SIGTERM; the last checkpoint is valid and the run can be resumed).
 
     Keeps ``started_at`` (unix s) of the first call and earlier extra keys (e.g. total_steps) across calls;
-    records ``pid``, ``host`` and ``updated_at``; "finished"/"failed" add ``ended_at``. The launcher calls
-    it with "running" at start (again on resume) and with the final state at the end.
+    records ``pid``, ``host`` and ``updated_at``; "finished"/"failed"/"stopped" add ``ended_at``. The launcher
+    calls it with "running" at start (again on resume) and with the final state at the end.
     """
-    if state not in ("running", "finished", "failed"):
+    if state not in ("running", "finished", "failed", "stopped"):
         raise ValueError(f"unknown run state {state!r}")
     rd = Path(run_dir)
     rd.mkdir(parents=True, exist_ok=True)

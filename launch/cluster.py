@@ -121,16 +121,39 @@ def start_ray(cfg: Config, pre: Preflight) -> None:
     need = required_resources(cfg)
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if cfg.launch.ray_address:
-        ray.init(address=cfg.launch.ray_address, **kwargs)
+        _probe_gcs(cfg.launch.ray_address)
+        try:
+            ray.init(address=cfg.launch.ray_address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            stop_ray()
+            raise UserError(f"launch.ray_address {cfg.launch.ray_address!r}: cannot join the Ray cluster "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     else:
         # Roles mostly wait on each other: a local cluster advertises enough logical CPUs for all of them.
         num_cpus = cfg.launch.num_cpus or max(os.cpu_count() or 1, int(need["CPU"] + 0.999))
         ray.init(num_cpus=num_cpus, **kwargs)
     have = ray.cluster_resources()
-    short = [f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0) + 1e-9]
+    why = {"CPU": " (actors.num_actors x actors.cpus_per_actor + learner.num_ranks x learner.cpus_per_rank + 0.1 "
+                  "for the buffer; launch.num_cpus sizes a local cluster)",
+           "GPU": " (actors.num_actors x actors.gpus_per_actor + learner.num_ranks x learner.gpus_per_rank)"}
+    short = [f"{k}: need {v:g}, cluster has {have.get(k, 0):g}{why.get(k, ' (a node label: no node offers it)')}"
+             for k, v in need.items() if v > have.get(k, 0) + 1e-9]
     if short:
         ray.shutdown()
         raise UserError("the roles do not fit the cluster's resources (" + "; ".join(short) + ")")
+
+
+def _probe_gcs(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable launch.ray_address (ray.init would retry for minutes)."""
+    addr = address.split("://", 1)[-1]
+    if addr == "auto" or ":" not in addr:
+        return
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(f"launch.ray_address {address!r}: no Ray cluster answers there ({e})") from None
 
 
 def stop_ray() -> None:

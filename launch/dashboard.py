@@ -166,7 +166,7 @@ class RunReader:
             pid, host = st.get("pid"), st.get("host")
             gone = isinstance(pid, int) and host == os.uname().nodename and not _pid_alive(pid)
             state = "stopped" if gone else "live"
-        elif state not in ("finished", "failed"):
+        elif state not in ("finished", "failed", "stopped"):
             newest = max(self.metrics.mtime, self.actors.mtime)
             state = "live" if newest and time.time() - newest < IDLE_AFTER_S else "idle"
         return {"state": state, "started_at": st.get("started_at"), "ended_at": st.get("ended_at"),
@@ -183,7 +183,7 @@ class RunReader:
                        if isinstance(r.get("time"), (int, float))]
         started = status["started_at"] or (min(first_times) if first_times else None)
         now = time.time()
-        end = status["ended_at"] if status["state"] in ("finished", "failed") else None
+        end = status["ended_at"] if status["state"] in ("finished", "failed", "stopped") else None
         if end is None and status["state"] in ("stopped", "idle"):
             times = [r.get("time") for r in (self.metrics.rows[-1:] + self.actors.rows[-1:])]
             end = max((t for t in times if isinstance(t, (int, float))), default=None)

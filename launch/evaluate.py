@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +45,11 @@ def eval_main(args) -> int:
     print(f"[archer-async] evaluating {model} on {len(rows)} problems x {args.k} samples "
           f"(T={args.temperature}, max {args.max_tokens} tokens)", file=sys.stderr, flush=True)
     rollout = importlib.import_module("actors.rollout")  # the actors' engine wrapper, by module path
-    actor = rollout.RolloutActor(cfg, 0, cfg.run_dir, connect_buffer=False)
+    try:
+        actor = rollout.RolloutActor(cfg, 0, cfg.run_dir, connect_buffer=False)
+    except BaseException:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        raise
     t0 = time.time()
     per_problem: list = []
     try:
@@ -57,6 +62,7 @@ def eval_main(args) -> int:
                 bar.update(len(part))
     finally:
         actor.stop()
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the engine's scratch run directory
     s = summarize(per_problem, args.k)
     by_source: dict[str, list] = {}
     for row, rewards in zip(rows, per_problem):

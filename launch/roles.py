@@ -71,13 +71,43 @@ def place(role: str, run_dir: str, *, num_cpus: float, num_gpus: float = 0.0, no
     ).remote(role, run_dir, dict(env or {}))
 
 
-def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None):
-    """ray.get with a deadline; errors name the role(s) and what they were doing."""
-    who = ", ".join(roles) if roles else what
+def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, watch: Optional[dict] = None):
+    """ray.get with a deadline; errors name the role(s) and what they were doing.
+
+    Fails fast: a reference that errors (its process died, its method raised) stops the wait at once,
+    without waiting for the others. `watch` ({role: host}): roles whose death must also stop the wait
+    (e.g. the buffer while the learner waits for data); checked every few seconds.
+    """
+    single = not isinstance(refs, (list, tuple))
+    lst = [refs] if single else list(refs)
+    names = roles if roles and len(roles) == len(lst) else [", ".join(roles) if roles else what] * len(lst)
+    start = time.time()
+    pending = {ref: names[i] for i, ref in enumerate(lst)}
+    next_check = start + _WATCH_EVERY_S
+    while pending:
+        left = timeout_s - (time.time() - start)
+        if left <= 0:
+            who = ", ".join(dict.fromkeys(pending.values()))
+            raise StartupError(f"{who}: no answer to {what} within {timeout_s:.0f} s (see the run's logs/ directory)")
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(1.0, left))
+        for ref in ready:
+            _get(ref, what, pending.pop(ref))
+        if watch and pending and time.time() >= next_check:
+            dead = dead_roles(watch)
+            if dead:
+                raise StartupError(f"{', '.join(dead)}: the process died during {what} (killed or crashed; "
+                                   "see the run's logs/ directory)")
+            next_check = time.time() + _WATCH_EVERY_S
+    out = [_get(ref, what, names[i]) for i, ref in enumerate(lst)]
+    return out[0] if single else out
+
+
+_WATCH_EVERY_S = 3.0
+
+
+def _get(ref, what: str, who: str):
     try:
-        return ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise StartupError(f"{who}: no answer to {what} within {timeout_s:.0f} s (see the run's logs/ directory)") from None
+        return ray.get(ref)
     except RayActorError as e:
         raise StartupError(f"{who}: the process died during {what}: {e}") from None
     except RayTaskError as e:
@@ -85,13 +115,40 @@ def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None):
         raise StartupError(f"{who}: {what} failed: {type(cause).__name__}: {cause}") from None
 
 
+def dead_roles(hosts: dict, timeout_s: float = 10.0) -> list[str]:
+    """Roles (of {role: host}) whose process is gone: a ping fails with RayActorError. A slow answer
+    is not death (a busy role still answers `pid` on another thread)."""
+    refs = {role: h.pid.remote() for role, h in hosts.items()}
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    dead = []
+    for role, ref in refs.items():
+        try:
+            ray.get(ref, timeout=0.01)
+        except RayActorError:
+            dead.append(role)
+        except (GetTimeoutError, RayTaskError):
+            pass
+    return dead
+
+
 def construct_all(hosts: dict[str, Any], specs: dict[str, tuple], timeout_s: float) -> dict[str, str]:
     """Construct every role concurrently (collective set-up needs all ranks at once) within a deadline;
-    returns role -> node description. specs: role -> (target, args)."""
-    refs = {role: hosts[role].construct.remote(*specs[role]) for role in specs}  # (target, args[, kwargs])
+    returns role -> node description. specs: role -> (target, args[, kwargs]).
+
+    Placement is awaited first, so a role no node can host fails as "not placed", and a role that
+    fails or hangs while constructing is named with its node ("learner1 on host (ip, node id)").
+    The first failure ends the wait (fail fast)."""
     t0 = time.time()
-    out = {}
-    for role, ref in refs.items():
-        left = max(1.0, timeout_s - (time.time() - t0))
-        out[role] = wait(ref, left, "start-up", [role])
-    return out
+    roles = list(specs)
+    node_refs = [hosts[role].node.remote() for role in roles]
+    ready, _ = ray.wait(node_refs, num_returns=len(node_refs), timeout=max(1.0, timeout_s))
+    unplaced = [role for role, ref in zip(roles, node_refs) if ref not in ready]
+    if unplaced:
+        raise StartupError(f"{', '.join(unplaced)}: not placed within {timeout_s:.0f} s: no node of the Ray cluster "
+                           "has the free resources the role declares (CPUs, GPUs, node label) or its process "
+                           "did not start (see the run's logs/ directory)")
+    nodes = dict(zip(roles, wait(node_refs, 60, "placement", roles)))
+    refs = [hosts[role].construct.remote(*specs[role]) for role in roles]
+    left = max(1.0, timeout_s - (time.time() - t0))
+    wait(refs, left, "start-up", [f"{role} on {nodes[role]}" for role in roles])
+    return nodes

@@ -1,13 +1,20 @@
 """`archer-async train` and `archer-async resume`: one run, top to bottom.
 
     preflight        model directory, data files, resources: clear errors before anything starts
+    Ray              a local cluster (or launch.ray_address) that must fit the roles' declared resources
     run directory    config.resolved.yaml, logs/<role>.log, status.json
-    Ray              a local cluster (or launch.ray_address); every role placed by its declared resources
+    roles            every role placed by its declared resources (CPUs, GPUs, node label)
     buffer           durable replay buffer (restored from the checkpoint's consumed state on resume)
     learner ranks    FSDP2 process group; rank 0 samples from the buffer and sends weights
     actors           vLLM engines generating continuously; weights arrive in flight
     loop             learner step -> weight sync (version v+1) -> metrics row -> eval / checkpoint
     end              final eval, checkpoint, HF export; Ctrl-C or a failure stops every role
+
+Exit codes: 0 finished; 130 stopped by Ctrl-C / SIGTERM (status.json "stopped", the last checkpoint
+valid, `archer-async resume` continues); 2 bad input; 1 a role failed. Bad input found by preflight
+(model, data, config, a cluster that cannot host the declared resources, an unreachable ray_address)
+leaves no run directory and no Ray process; a failure after the roles began starting keeps the run
+directory (logs/<role>.log, status.json "failed" with the error) for diagnosis.
 
 In `launch.mode: sync` the buffer's staleness bound is 0: actors generate exactly one batch per
 version, so generation and training alternate (the baseline of the asynchronous mode).
@@ -28,7 +35,7 @@ from archer_async.metrics import MetricsWriter, write_run_status
 from archer_async.runlog import atomic_write_text, setup_role_logging
 
 from launch import cluster
-from launch.roles import StartupError, construct_all, place, wait
+from launch.roles import StartupError, construct_all, dead_roles, place, wait
 
 log = logging.getLogger("launch")
 
@@ -64,21 +71,32 @@ class Run:
         self.writer: Optional[MetricsWriter] = None
         self.dashboard = None
         self.eval_history: list[tuple[int, float]] = []
+        self.actor_states: list = []      # per actor: data_state of the last checkpoint (re-placed actors restart there)
+        self.actor_restarts = 0
+        self.generating = False
+        self.role_died = False
 
     # ------------------------------------------------------------------------------------------
     def execute(self) -> int:
         cfg = self.cfg
         pre = cluster.preflight(cfg, self.resume)          # UserError before anything starts
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
+        # cluster (or is interrupted here) leaves no run directory and no Ray process behind.
+        try:
+            cluster.start_ray(cfg, pre)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            cluster.stop_ray()
+            signal.signal(signal.SIGTERM, old_handler)
+            raise
         if not self.resume:
             atomic_write_text(self.run_dir / "config.resolved.yaml", to_yaml(cfg))
         driver_log = setup_role_logging(self.run_dir, "driver", redirect_std=False)
         _console(f"run directory: {self.run_dir}  (driver log: {driver_log})")
-        write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid())
-        status, rc = "failed", 1
-        old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid(), error=None)
+        status, rc, error = "failed", 1, None
         try:
-            cluster.start_ray(cfg, pre)
             self._start_roles(pre)
             self._loop(pre)
             status, rc = "finished", 0
@@ -87,11 +105,20 @@ class Run:
             status, rc = "stopped", 130
         except (StartupError, UserError) as e:
             _console(f"error: {e}")
-            status, rc = "failed", 1
+            if (self.run_dir / "checkpoints" / "latest").is_file():
+                _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
+            self.role_died = "died" in str(e)
+            status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), str(e)
         finally:
-            signal.signal(signal.SIGTERM, old_handler)
-            self._shutdown()
-            write_run_status(self.run_dir, status)
+            # a second Ctrl-C / SIGTERM must not cut the shutdown short (that would leave orphans)
+            signal.signal(signal.SIGTERM, _ignore_while_stopping)
+            old_int = signal.signal(signal.SIGINT, _ignore_while_stopping)
+            try:
+                self._shutdown()
+                write_run_status(self.run_dir, status, **({"error": error} if error else {}))
+            finally:
+                signal.signal(signal.SIGINT, old_int)
+                signal.signal(signal.SIGTERM, old_handler)
         return rc
 
     # ------------------------------------------------------------------------------------------
@@ -120,7 +147,7 @@ class Run:
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         specs = {"buffer": ("buffer.service:BufferService", (cfg, run_dir, restore_buffer))}
-        construct_all(self.hosts, specs, deadline)       # actors and learners find the buffer in run_dir
+        nodes = construct_all(self.hosts, specs, deadline)  # actors and learners find the buffer in run_dir
         for r in range(cfg.learner.num_ranks):
             specs[f"learner{r}"] = ("learner.trainer:Learner", (cfg, r, cfg.learner.num_ranks, master_addr,
                                                                  master_port, run_dir, str(pre.model_path)))
@@ -129,9 +156,11 @@ class Run:
                                   {"sync_init": self.sync_init.for_rank(i + 1).to_dict(),
                                    "model_path": str(pre.model_path), "initial_version": version0})
         del specs["buffer"]
-        nodes = construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0)))
+        nodes.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
         for role, node in nodes.items():
             log.info("%s on %s", role, node)
+        self.model_path, self.version0 = str(pre.model_path), version0
+        self._write_pids()
         _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
 
     # ------------------------------------------------------------------------------------------
@@ -141,8 +170,9 @@ class Run:
         if self.resume:
             extra = self._learners("load_checkpoint", str(pre.checkpoint), what="checkpoint restore")[0] or {}
             start_step, version = int(pre.restore["step"]), int(pre.restore["version"])
-            for a, st in zip(self.actors, extra.get("actors", [])):
-                wait(a.call.remote("load_data_state", st), 60, "data cursor restore")
+            self.actor_states = list(extra.get("actors", []))
+            for i, (a, st) in enumerate(zip(self.actors, self.actor_states)):
+                self._actor_call(i, "load_data_state", st, what="data cursor restore")
             _console(f"resumed at step {start_step}, weight version {version}")
         # actors get the learner's weights (restored ones on resume) before any rollout
         self._sync_weights(version)
@@ -150,15 +180,16 @@ class Run:
         self.writer = MetricsWriter(self.run_dir, cfg.wandb, resume_step=start_step if self.resume else None)
         if not self.resume and cfg.launch.eval_every:
             self._evaluate(0, {})
-        for a in self.actors:
-            wait(a.call.remote("start"), 60, "start of generation")
+        for i in range(len(self.actors)):
+            self._actor_call(i, "start", what="start of generation")
+        self.generating = True
         total = cfg.learner.total_steps
         _console(f"training steps {start_step + 1}..{total}")
         step = start_step
         for step in range(start_step + 1, total + 1):
             m = self._learners("step_from_buffer", what=f"training step {step}")[0]
+            sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
-            sync = self._sync_weights(version)
             row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
@@ -181,26 +212,118 @@ class Run:
     def _learners(self, method: str, *args, what: str, timeout: Optional[float] = None) -> list:
         """Call `method` on every learner rank (collective) and wait; errors name the rank."""
         refs = [h.call.remote(method, *args) for h in self.learners]
-        return wait(refs, timeout or max(self.cfg.sync.timeout_s, 3600), what,
-                    [f"learner{r}" for r in range(len(self.learners))])
+        return self._wait_learners(refs, timeout or max(self.cfg.sync.timeout_s, 3600), what)
 
-    def _sync_weights(self, version: int) -> dict:
-        """Learner ranks gather and send; actors receive and load in flight. One call per role."""
+    def _wait_learners(self, refs: list, timeout: float, what: str) -> list:
+        """Wait for one collective call of every rank; the buffer's and every rank's death stops it."""
+        try:
+            return wait(refs, timeout, what, [f"learner{r}" for r in range(len(self.learners))],
+                        watch=self._core_roles())
+        except StartupError as e:
+            # a surviving rank often reports first (its collective lost a peer): name the dead process
+            dead = [] if "died" in str(e) else dead_roles(self._core_roles())
+            if dead:
+                raise StartupError(f"{', '.join(dead)}: the process died during {what} (then: {e})") from None
+            raise
+
+    def _core_roles(self) -> dict:
+        """Roles whose death stops the run (the buffer and every learner rank; actors are re-placed)."""
+        return {r: h for r, h in self.hosts.items() if not r.startswith("actor")}
+
+    def _sync_weights(self, version: int, serving: Optional[int] = None) -> dict:
+        """Learner ranks gather and send; actors receive and load in flight. One call per role.
+
+        A dead actor is re-placed first (it joins the transfer group at this update). An actor that
+        dies during the update makes it fail within sync.timeout_s (the others keep their previous
+        weights); the update is then retried once with a re-placed actor. Any other failure stops the
+        run with an error naming the peer.
+        """
         t0 = time.time()
         init = self.sync_init.for_rank(0).to_dict()
-        lrefs = [h.call.remote("broadcast_weights", version, init) for h in self.learners]
-        arefs = [a.call.remote("update_weights", version) for a in self.actors]
-        deadline = self.cfg.sync.timeout_s + 60
-        res = wait(lrefs, deadline, f"weight sync to version {version}", ["learner"])[0]
-        acts = wait(arefs, deadline, f"weight sync to version {version}",
-                    [f"actor{i}" for i in range(len(self.actors))])
-        failed = [f"actor{i}: {r.get('error')}" for i, r in enumerate(acts) if not r.get("ok", True)]
-        if not res.get("ok", True) or failed:
-            raise StartupError(f"weight sync to version {version} failed: {res.get('error') or '; '.join(failed)}")
-        return {"seconds": time.time() - t0}
+        for attempt in range(2):
+            fresh = self._heal_actors(version if serving is None else serving)
+            lrefs = [h.call.remote("broadcast_weights", version, init) for h in self.learners]
+            arefs = [a.call.remote("update_weights", version) for a in self.actors]
+            deadline = self.cfg.sync.timeout_s + 60
+            res = self._wait_learners(lrefs, deadline, f"weight sync to version {version}")[0]
+            failed, died = [], []
+            for i, ref in enumerate(arefs):
+                try:
+                    r = wait(ref, deadline, f"weight sync to version {version}", [f"actor{i}"])
+                    if not r.get("ok", True):
+                        failed.append(f"actor{i}: {r.get('error')}")
+                except StartupError as e:
+                    (died if "died" in str(e) else failed).append(str(e))
+            if res.get("ok", True) and not failed and not died:
+                for i in fresh:
+                    if self.generating:
+                        self._actor_call(i, "start", what="start of generation")
+                return {"seconds": time.time() - t0}
+            if died and attempt == 0:  # the survivors' aborts (in `failed`) follow from the death
+                _console(f"weight sync to version {version}: {'; '.join(died)}; re-placing and retrying")
+                continue
+            why = "; ".join(failed + died) or res.get("error")
+            raise StartupError(f"weight sync to version {version} failed: {why}")
+        raise AssertionError("unreachable")
+
+    def _actor_call(self, i: int, method: str, *args, what: str) -> Any:
+        """Call actor i; if its process died, log it and return None (it is re-placed, with the last
+        checkpoint's data cursor, at the next weight sync, and started after it)."""
+        try:
+            return wait(self.actors[i].call.remote(method, *args), 60, what, [f"actor{i}"])
+        except StartupError as e:
+            if "died" not in str(e):
+                raise
+            log.warning("%s (re-placed at the next weight sync)", e)
+            return None
+
+    def _heal_actors(self, version: int) -> list[int]:
+        """Re-place and re-construct every dead actor with its index (sample ids stay unique through
+        RUN_DIR/actors/actor<i>.json) and the data cursor of the last checkpoint; returns their
+        indices. They serve weights only after the next update and start generating after it."""
+        dead = dead_roles({f"actor{i}": a for i, a in enumerate(self.actors)})
+        fresh = []
+        for role in dead:
+            i = int(role[len("actor"):])
+            self.actor_restarts += 1
+            _console(f"{role} died: re-placing it (restart {self.actor_restarts}); generation goes on meanwhile")
+            cfg = self.cfg
+            _quiet(lambda: __import__("ray").kill(self.actors[i]))
+            host = place(role, str(self.run_dir), num_cpus=cfg.actors.cpus_per_actor,
+                         num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label, env=cluster.role_env())
+            self.hosts[role] = host
+            self.actors[i] = host
+            construct_all(self.hosts, {role: ("actors.rollout:RolloutActor", (cfg, i, str(self.run_dir)),
+                                              {"sync_init": self.sync_init.for_rank(i + 1).to_dict(),
+                                               "model_path": self.model_path, "initial_version": int(version)})},
+                          cfg.launch.startup_timeout_s)
+            if i < len(self.actor_states) and self.actor_states[i]:
+                wait(host.call.remote("load_data_state", self.actor_states[i]), 60, "data cursor restore", [role])
+            fresh.append(i)
+        if fresh:
+            self._write_pids()
+        return fresh
+
+    def _write_pids(self) -> None:
+        """RUN_DIR/pids.json: {role: process id} (operators and the chaos harness find roles here)."""
+        import json
+
+        refs = {r: h.pid.remote() for r, h in self.hosts.items()}
+        pids = {}
+        for r, ref in refs.items():
+            try:
+                pids[r] = wait(ref, 30, "pid", [r])
+            except StartupError:
+                pass
+        atomic_write_text(self.run_dir / "pids.json", json.dumps({"driver": os.getpid(), **pids}))
 
     def _actor_metrics(self) -> dict:
-        stats = [wait(a.call.remote("stats"), 60, "stats", [f"actor{i}"]) for i, a in enumerate(self.actors)]
+        stats = []
+        for i, a in enumerate(self.actors):
+            try:
+                stats.append(wait(a.call.remote("stats"), 60, "stats", [f"actor{i}"]))
+            except StartupError as e:  # a dead actor is re-placed before the next weight sync
+                log.warning("actor metrics: %s", e)
         tps = sum(s.get("actor/tokens_per_s", 0.0) for s in stats)
         wfw = max((s.get("actor/wait_for_weights_s", 0.0) for s in stats), default=0.0)
         return {"actor/tokens_per_s": tps, "actor/wait_for_weights_s": wfw,
@@ -228,9 +351,16 @@ class Run:
             self.writer.log({"step": 0, "version": 0, **{k: row[k] for k in ("eval/accuracy", "eval/pass_at_k")}})
 
     def _checkpoint(self, step: int, version: int) -> None:
-        actors = [wait(a.call.remote("data_state"), 60, "data cursor", [f"actor{i}"]) for i, a in enumerate(self.actors)]
+        actors = []
+        for i, a in enumerate(self.actors):
+            try:
+                actors.append(wait(a.call.remote("data_state"), 60, "data cursor", [f"actor{i}"]))
+            except StartupError as e:  # died since the last sync: keep its previous cursor (regenerated)
+                log.warning("checkpoint: %s", e)
+                actors.append(self.actor_states[i] if i < len(self.actor_states) else None)
         extra = {"actors": actors}  # rank 0 adds the buffer's consumed state it holds
         path = self._learners("save_checkpoint", step, extra, what=f"checkpoint step {step}")[0]
+        self.actor_states = actors
         log.info("checkpoint %s", path)
 
     def _start_dashboard(self) -> None:
@@ -246,18 +376,33 @@ class Run:
     def _shutdown(self) -> None:
         import ray
 
-        for i, a in enumerate(self.actors):
-            _quiet(lambda: ray.get(a.call.remote("stop"), timeout=60))
-        for h in self.learners:
-            _quiet(lambda: ray.get(h.call.remote("close"), timeout=30))
-        if self.buffer is not None:
-            _quiet(lambda: ray.get(self.buffer.call.remote("stop"), timeout=60))
+        if ray.is_initialized():
+            # every role stops concurrently within one deadline; after a role died, a collective close
+            # could only wait for the dead peer, so the learners are then simply ended
+            short = 20.0 if self.role_died else 60.0
+            _stop_all([a.call.remote("stop") for a in self.actors], short)
+            if not self.role_died:
+                _stop_all([h.call.remote("close") for h in self.learners], 30.0)
+            if self.buffer is not None:
+                _stop_all([self.buffer.call.remote("stop")], short)
         if self.writer is not None:
             self.writer.close()
         if self.dashboard is not None:
             self.dashboard.shutdown()
             self.dashboard.server_close()
         cluster.stop_ray()
+
+
+def _stop_all(refs: list, timeout_s: float) -> None:
+    import ray
+
+    if not refs:
+        return
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        _quiet(lambda: ray.get(ref))
+    if pending:
+        log.warning("shutdown: %d role(s) did not stop within %.0f s (ended with the cluster)", len(pending), timeout_s)
 
 
 def _scalars(m: dict) -> dict:
@@ -288,6 +433,14 @@ def _quiet(fn) -> None:
 
 def _raise_keyboard_interrupt(*_):
     raise KeyboardInterrupt
+
+
+def _ignore_while_stopping(*_):
+    print("[archer-async] already stopping every role; please wait", flush=True)
+
+
+EXIT_USER_ERROR = 2
+"""Exit code of a run stopped by bad input found after start-up began (as the CLI's UserError)."""
 
 
 if __name__ == "__main__":

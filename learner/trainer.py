@@ -336,6 +336,11 @@ class Learner:
         out = self.step((lambda n, v: batch) if self.rank == 0 else None)
         out["learner/wait_for_data_s"] = waited
         if self.rank == 0:
+            from archer_async import trained_ids
+
+            # what entered this optimizer step (exactly-once accounting; cut back on resume)
+            trained_ids.append_step(self.run_dir, self.step_count, [g.group_id for g in batch.groups],
+                                    [s.sample_id for g in batch.groups for s in g.samples])
             self._buffer.set_version(self.version)
         return out
 
@@ -424,6 +429,13 @@ class Learner:
         self.version = int(state["version"])
         self.opt_steps = int(state["opt_steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.rank == 0:
+            from archer_async import trained_ids
+
+            # steps trained after this checkpoint were lost with the crash and will be trained again
+            dropped = trained_ids.truncate_after(self.run_dir, int(state["step"]))
+            if dropped:
+                log.info("trained-ids record: dropped %d step(s) past checkpoint step %s", dropped, state["step"])
         return state.get("extra_state", {})
 
     def close(self) -> None:

@@ -1,0 +1,242 @@
+"""Weight sync against its limit: WeightSender -> WeightReceiver vs a raw gloo broadcast of the same bytes.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_sync_limit.py [--sizes-mb 1.4,64,256] [--receivers 2] [--reps 5]
+
+One sender (this process) and `--receivers` receiver processes on 127.0.0.1, all on the gloo backend.
+For every payload size the two variants run interleaved (A B A B ...), timed on the sender from the
+start of the update until every receiver holds the data:
+
+- project path: `WeightSender.send(named fp32 tensors, version)` -> every receiver iterates
+  `WeightReceiver.receive(version)` to the end (the full protocol: announcement in the TCPStore,
+  ready handshake, a fresh gloo group under the update's nonce, bucket headers, packing the tensors
+  into one flat buffer per bucket, broadcast, "done" acknowledgements);
+- raw limit: `torch.distributed.broadcast` of one pre-packed flat uint8 tensor per bucket of the same
+  size over a persistent gloo process group (created once, outside the timing), then a barrier so the
+  sender knows every receiver has the bytes;
+- project path, 1 ms polling (diagnostic): the same WeightSender/WeightReceiver with the control plane's
+  poll back-off capped at 1 ms instead of 20 ms (`weight_transfer._POLL_MAX_S`, set in every process
+  for this variant only);
+- raw + fresh group (diagnostic): the same broadcast and barrier over a new `ProcessGroupGloo`
+  rendezvoused per update in a TCPStore (what the project's protocol does for failure isolation),
+  the group's creation inside the timing.
+
+The payload is a list of fp32 tensors shaped like transformer weights (the tiny model's own
+state dict for its size; square 1024-wide matrices for the larger ones). Receivers discard what they
+receive (the vLLM-side reload is not part of the transfer; bench/bench_actor.py measures it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from archer_async import weight_transfer as wt  # noqa: E402
+from archer_async.weight_transfer import WeightReceiver, WeightSender, free_port, make_sync_init  # noqa: E402
+
+DEFAULT_POLL_MAX_S = wt._POLL_MAX_S
+
+
+def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:
+    """Named fp32 tensors totalling about size_mb MB: the tiny model's weights when size_mb < 4."""
+    if size_mb < 4:
+        try:
+            from safetensors.torch import load_file
+
+            from archer_async.tiny import tiny_model_path
+
+            path = tiny_model_path()
+            files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+            if files:
+                sd = {}
+                for f in files:
+                    sd.update(load_file(os.path.join(path, f)))
+                return [(k, v.float().contiguous()) for k, v in sorted(sd.items())]
+        except Exception as e:  # noqa: BLE001 - fall back to synthetic tensors of the asked size
+            print(f"tiny model unavailable ({e}); synthetic payload", file=sys.stderr)
+    n = max(1, int(size_mb * 1e6 / 4))
+    out, i = [], 0
+    while n > 0:
+        k = min(n, 1024 * 1024)
+        out.append((f"layers.{i}.weight", torch.randn(k)))
+        n -= k
+        i += 1
+    return out
+
+
+def _fresh_group(store, nonce: str, rank: int, world: int):
+    return dist.ProcessGroupGloo(dist.PrefixStore(f"bench-pg/{nonce}", store), rank, world,
+                                 datetime.timedelta(seconds=300))
+
+
+def _fresh_round(pg, flats: list[torch.Tensor]) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    for f in flats:
+        pg.broadcast([f], opts).wait()
+    pg.barrier().wait()
+
+
+def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int, q_in, q_out) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{raw_port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    store = dist.TCPStore("127.0.0.1", store_port, world, is_master=False, timeout=datetime.timedelta(seconds=300))
+    rx = WeightReceiver(dict(init, rank=rank))
+    rx.connect()
+    q_out.put("ready")
+    while True:
+        cmd = q_in.get()
+        if cmd[0] == "stop":
+            break
+        if cmd[0] == "ws":
+            wt._POLL_MAX_S = cmd[2]
+            n = 0
+            for _, t in rx.receive(cmd[1]):
+                n += t.numel() * t.element_size()
+        elif cmd[0] == "raw":
+            for nbytes in cmd[1]:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+                dist.broadcast(buf, src=0)
+            dist.barrier()
+        elif cmd[0] == "fresh":
+            pg = _fresh_group(store, cmd[2], rank, world)
+            _fresh_round(pg, [torch.empty(n, dtype=torch.uint8) for n in cmd[1]])
+            del pg
+    rx.close()
+    dist.destroy_process_group()
+
+
+def buckets_of(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[int]:
+    """Byte sizes of the flat buffers WeightSender would send (same bucketing rule, 64-byte alignment)."""
+    from archer_async.weight_transfer import _align
+
+    sizes, cur, size = [], 0, 0
+    for _, t in tensors:
+        n = t.numel() * t.element_size()
+        if size and size + n > bucket_bytes:
+            sizes.append(cur)
+            cur, size = 0, 0
+        cur = _align(cur + n)
+        size += n
+    sizes.append(cur)
+    return sizes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-mb", default="0,64,256", help="payload sizes in MB (0: the tiny model's weights)")
+    ap.add_argument("--receivers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    world = 1 + args.receivers
+    init = make_sync_init(args.receivers, backend="gloo", host="127.0.0.1", timeout_s=300).to_dict()
+    raw_port, store_port = free_port(), free_port()
+    ctx = mp.get_context("spawn")
+    q_out = ctx.Queue()
+    qs, procs = [], []
+    for r in range(1, world):
+        q = ctx.Queue()
+        p = ctx.Process(target=_receiver, args=(r, world, init, raw_port, store_port, q, q_out), daemon=True)
+        p.start()
+        qs.append(q)
+        procs.append(p)
+    sender = WeightSender(init)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{raw_port}", rank=0, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    store = dist.TCPStore("127.0.0.1", store_port, world, is_master=True, timeout=datetime.timedelta(seconds=300))
+    sender.connect()
+    for _ in procs:
+        assert q_out.get(timeout=300) == "ready"
+    bucket_bytes = args.bucket_mb << 20
+    version = 0
+    results = []
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    for size_mb in [float(s) for s in args.sizes_mb.split(",")]:
+        tensors = payload(size_mb)
+        sizes = buckets_of(tensors, bucket_bytes)
+        flats = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+        ws_times, raw_times, fresh_times, fast_times = [], [], [], []
+        for rep in range(args.reps + 1):              # rep 0: warm-up of both variants, not counted
+            version += 1
+            for q in qs:
+                q.put(("ws", version, DEFAULT_POLL_MAX_S))
+            t0 = time.perf_counter()
+            st = sender.send(iter(tensors), version, bucket_bytes)
+            t_ws = time.perf_counter() - t0
+            version += 1
+            wt._POLL_MAX_S = 0.001
+            for q in qs:
+                q.put(("ws", version, 0.001))
+            t0 = time.perf_counter()
+            sender.send(iter(tensors), version, bucket_bytes)
+            t_fast = time.perf_counter() - t0
+            wt._POLL_MAX_S = DEFAULT_POLL_MAX_S
+            for q in qs:
+                q.put(("raw", sizes))
+            t0 = time.perf_counter()
+            for f in flats:
+                dist.broadcast(f, src=0)
+            dist.barrier()
+            t_raw = time.perf_counter() - t0
+            nonce = f"{size_mb}-{rep}"
+            for q in qs:
+                q.put(("fresh", sizes, nonce))
+            t0 = time.perf_counter()
+            pg = _fresh_group(store, nonce, 0, world)
+            _fresh_round(pg, flats)
+            t_fresh = time.perf_counter() - t0
+            del pg
+            if rep:
+                ws_times.append(t_ws)
+                raw_times.append(t_raw)
+                fresh_times.append(t_fresh)
+                fast_times.append(t_fast)
+        row = {"payload_bytes": st["bytes"], "buckets": st["num_buckets"], "tensors": st["num_tensors"],
+               "receivers": args.receivers, "reps": args.reps,
+               "weightsender_median_s": statistics.median(ws_times), "weightsender_min_s": min(ws_times),
+               "raw_broadcast_median_s": statistics.median(raw_times), "raw_broadcast_min_s": min(raw_times),
+               "raw_fresh_group_median_s": statistics.median(fresh_times), "raw_fresh_group_min_s": min(fresh_times),
+               "weightsender_poll1ms_median_s": statistics.median(fast_times),
+               "weightsender_poll1ms_min_s": min(fast_times), "load_avg_1m": os.getloadavg()[0]}
+        row["ratio_median"] = row["weightsender_median_s"] / row["raw_broadcast_median_s"]
+        row["ratio_min"] = row["weightsender_min_s"] / row["raw_broadcast_min_s"]
+        row["weightsender_GBps"] = st["bytes"] / row["weightsender_median_s"] / 1e9
+        row["raw_GBps"] = st["bytes"] / row["raw_broadcast_median_s"] / 1e9
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    for q in qs:
+        q.put(("stop",))
+    for p in procs:
+        p.join(60)
+    sender.close()
+    dist.destroy_process_group()
+    print("\n| payload MB | buckets | WeightSender median s (min) | raw gloo broadcast median s (min) | ratio median (min) "
+          "| raw + fresh group median s (min) | WeightSender, 1 ms polling, median s (min) | load avg |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['payload_bytes'] / 1e6:.2f} | {r['buckets']} | {r['weightsender_median_s']:.4f} "
+              f"({r['weightsender_min_s']:.4f}) | {r['raw_broadcast_median_s']:.4f} ({r['raw_broadcast_min_s']:.4f}) | "
+              f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}) | {r['raw_fresh_group_median_s']:.4f} "
+              f"({r['raw_fresh_group_min_s']:.4f}) | {r['weightsender_poll1ms_median_s']:.4f} "
+              f"({r['weightsender_poll1ms_min_s']:.4f}) | {r['load_avg_1m']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
