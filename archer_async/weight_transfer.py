@@ -385,13 +385,7 @@ class WeightSender:
 
     def close(self) -> None:
         """Drop the communicator and stop hosting the store."""
-        if self._nccl is not None:
-            try:
-                self._nccl.destroy()
-            except Exception:
-                pass
-        self._nccl = None
-        self._ctl = None
+        _release(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,10 +505,15 @@ class WeightReceiver:
 
     def close(self) -> None:
         """Forget the store client and the communicator."""
-        if self._nccl is not None:
-            try:
-                self._nccl.destroy()
-            except Exception:
-                pass
-        self._nccl = None
-        self._ctl = None
+        _release(self)
+
+
+def _release(side: "WeightSender | WeightReceiver") -> None:
+    """Destroy a side's NCCL communicator (best effort) and drop its control-store handle."""
+    if side._nccl is not None:
+        try:
+            side._nccl.destroy()
+        except Exception:  # noqa: BLE001 - tearing down a possibly broken communicator
+            pass
+    side._nccl = None
+    side._ctl = None

@@ -13,7 +13,7 @@ checkout via PYTHONPATH.
 
 - archer-async: `archer-async train` (async mode, the embedded tiny default config: 2 vLLM actors +
   2-rank FSDP2 learner + buffer on the 2 cores), metrics.jsonl as in bench/bench_async.py.
-- TRL: `GRPOTrainer` (single process, torch threads = the machine's cores, generation with
+- TRL: `GRPOTrainer` (single process, `--trl-threads` torch threads (default 1), generation with
   transformers `generate`: TRL's vLLM path needs a CUDA vLLM build) run by the TRL venv's Python
   with this file's `trl-worker` subcommand. Per step: wall time between `on_step_end` callbacks;
   generated tokens counted in the reward function from `completion_ids`.
@@ -138,9 +138,8 @@ def trl_summary(res: dict, warmup: int) -> dict:
 
 
 def archer_generated_tokens(run_dir: Path, t_from: float, t_to: float) -> float:
-    """Generated tokens/s of the actors over [t_from, t_to] from the buffer's log isn't exposed; use
-    actor_metrics.jsonl (each actor's 30 s-window rate, sampled every 5 s): mean of the per-report
-    sums over actors within the window."""
+    """The actors' generated tokens/s over [t_from, t_to] from actor_metrics.jsonl (each actor reports
+    its 30 s-window rate every 5 s): per 5 s slot the sum over actors, then the mean over slots."""
     per_time: dict[int, float] = {}
     with open(run_dir / "actor_metrics.jsonl") as f:
         for line in f:
@@ -176,6 +175,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--trl-venv", default="/tmp/trl-venv")
     ap.add_argument("--setup", action="store_true", help="create / update the TRL venv first")
+    ap.add_argument("--trl-threads", type=int, default=1,
+                    help="torch threads of the TRL process (1: on a shared, oversubscribed box 2 threads stall each other)")
     ap.add_argument("--out", default="")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -196,10 +197,12 @@ def main() -> None:
         if a["rc"] == 0:
             rows = read_rows(rd)
             a.update(summarize(rows, args.warmup))
-            a["gen_tokens_per_s"] = archer_generated_tokens(rd, float(rows[args.warmup]["time"]), float(rows[-1]["time"]))
+            t0, t1 = float(rows[args.warmup]["time"]), float(rows[-1]["time"])
+            a["gen_tokens_per_s"] = archer_generated_tokens(rd, t0, t1)
+            a["trained_response_tokens_per_s"] = sum(float(r.get("tokens/valid", 0)) for r in rows[args.warmup + 1:]) / (t1 - t0)
         results.append(a)
         print(json.dumps(a), flush=True)
-        t = run_trl(venv, args.steps, data_dir / "train.jsonl", out / f"trl-r{rnd}", os.cpu_count() or 1)
+        t = run_trl(venv, args.steps, data_dir / "train.jsonl", out / f"trl-r{rnd}", args.trl_threads)
         t.update(system="TRL GRPOTrainer", round=rnd)
         if t["rc"] == 0 and t.get("step_times"):
             t.update(trl_summary(t, args.warmup))

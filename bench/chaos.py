@@ -248,7 +248,7 @@ def run_chaos(run_dir: Path, seed: int, kills: int, steps: int, time_limit_s: fl
     rng = random.Random(seed)
     t_end = time.monotonic() + time_limit_s
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    base = [f"run_dir={run_dir}", f"learner.total_steps={steps}", "launch.eval_every=0", "learner.checkpoint_every=2",
+    base = [f"run_dir={run_dir}", f"learner.total_steps={steps}", "launch.eval_every=0", "learner.batch_groups=8", "learner.mini_batch_groups=8", "learner.checkpoint_every=2",
             "sync.timeout_s=30", "dashboard.enabled=false", *overrides]
     num_actors, num_ranks = 2, 2
     for o in overrides:

@@ -120,6 +120,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
     leftovers = session_processes(proc.pid)
+    # rows taken while every role was up (a run that stopped early leaves zeros behind)
+    samples = [r for r in samples if all(v > 0 for k, v in r.items() if k.startswith("rss_mib/"))]
     half = samples[len(samples) // 2:]
     keys = sorted({k for r in samples for k in r if k.startswith(("rss_mib/", "procs/")) or k == "processes"})
     summary = {

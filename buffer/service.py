@@ -70,6 +70,10 @@ class BufferService:
         out.update(s.get("metrics", {}))
         return out
 
+    def set_version(self, version: int) -> None:
+        """Announce the learner's version (admission and staleness follow it)."""
+        self._client.set_version(version)
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 

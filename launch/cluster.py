@@ -131,7 +131,7 @@ def start_ray(cfg: Config, pre: Preflight) -> None:
     else:
         # Roles mostly wait on each other: a local cluster advertises enough logical CPUs for all of them.
         num_cpus = cfg.launch.num_cpus or max(os.cpu_count() or 1, int(need["CPU"] + 0.999))
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # a new cluster, never a stray one on this host
     have = ray.cluster_resources()
     why = {"CPU": " (actors.num_actors x actors.cpus_per_actor + learner.num_ranks x learner.cpus_per_rank + 0.1 "
                   "for the buffer; launch.num_cpus sizes a local cluster)",

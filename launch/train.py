@@ -190,6 +190,8 @@ class Run:
             m = self._learners("step_from_buffer", what=f"training step {step}")[0]
             sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
+            if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
+                wait(self.buffer.call.remote("set_version", version), 60, "set_version", ["buffer"])
             row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
@@ -235,8 +237,9 @@ class Run:
 
         A dead actor is re-placed first (it joins the transfer group at this update). An actor that
         dies during the update makes it fail within sync.timeout_s (the others keep their previous
-        weights); the update is then retried once with a re-placed actor. Any other failure stops the
-        run with an error naming the peer.
+        weights); the update is then retried once with a re-placed actor. Any other failed update is
+        retried once as well (e.g. a transient rendezvous failure); a second failure stops the run with
+        an error naming the peer.
         """
         t0 = time.time()
         init = self.sync_init.for_rank(0).to_dict()
@@ -259,8 +262,10 @@ class Run:
                     if self.generating:
                         self._actor_call(i, "start", what="start of generation")
                 return {"seconds": time.time() - t0}
-            if died and attempt == 0:  # the survivors' aborts (in `failed`) follow from the death
-                _console(f"weight sync to version {version}: {'; '.join(died)}; re-placing and retrying")
+            if attempt == 0:  # aborted: every actor still serves its previous version; try once more
+                why = "; ".join(died + failed) or res.get("error")
+                _console(f"weight sync to version {version} aborted ({why}); "
+                         + ("re-placing and retrying" if died else "retrying once"))
                 continue
             why = "; ".join(failed + died) or res.get("error")
             raise StartupError(f"weight sync to version {version} failed: {why}")

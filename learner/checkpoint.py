@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from archer_async.config import UserError
+from archer_async.runlog import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically: tmp file in the same dir, fsync, rename, fsync(dir)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
 
 
 def step_dir(root: Path, step: int) -> Path:

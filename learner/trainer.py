@@ -341,7 +341,9 @@ class Learner:
             # what entered this optimizer step (exactly-once accounting; cut back on resume)
             trained_ids.append_step(self.run_dir, self.step_count, [g.group_id for g in batch.groups],
                                     [s.sample_id for g in batch.groups for s in g.samples])
-            self._buffer.set_version(self.version)
+            if self.cfg.launch.mode != "sync":
+                # sync mode: the driver announces the version once the actors serve it (no stale window)
+                self._buffer.set_version(self.version)
         return out
 
     def _buffer_state(self) -> Optional[dict]:

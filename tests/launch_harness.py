@@ -24,7 +24,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["learner.total_steps=4", "launch.eval_every=2", "launch.eval_max_problems=8", "launch.eval_k=2",
-        "actors.max_response_length=32", "dashboard.port=0", "wandb.mode=disabled"]
+        "actors.max_response_length=32", "dashboard.port=0", "wandb.mode=disabled",
+        "learner.batch_groups=8", "learner.mini_batch_groups=8"]
 """Overrides of a short test run (the training defaults stay as they are)."""
 
 
