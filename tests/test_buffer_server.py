@@ -161,11 +161,13 @@ def test_service_in_process_thread(tmp_path):
     from archer_async.config import Config
     from buffer.service import BufferService
 
-    svc = BufferService(Config(run_dir=str(tmp_path)), tmp_path)
+    cfg = Config(run_dir=str(tmp_path))
+    svc = BufferService(cfg, tmp_path)
     try:
         with BufferClient.from_run_dir(tmp_path) as c:
             assert c.put(make_group(0)).status == "stored"
-            assert c.admission()["limit"] == (4 + 0 + 1) * 8  # (eta + v + 1) * learner.batch_groups
+            # (eta + v + 1) * learner.batch_groups
+            assert c.admission()["limit"] == (cfg.buffer.max_staleness + 0 + 1) * cfg.learner.batch_groups == 80
         m = svc.metrics()
         assert m["buffer/size"] == 1 and m["buffer/dropped_stale"] == 0 and m["buffer/stored_total"] == 1
         assert svc.endpoints()["ingest"] == wire.read_endpoints(tmp_path)["ingest"]

@@ -39,7 +39,7 @@ def test_three_node_cluster_places_roles_by_label(tmp_path):
                       "buffer.node_label=buffer_node", "learner.node_label=learner_node",
                       "actors.node_label=actor_node", "actors.num_actors=1", f"learner.total_steps={STEPS}",
                       "launch.eval_every=0", "actors.max_response_length=32", "dashboard.enabled=false",
-                      "wandb.mode=disabled"],
+                      "wandb.mode=disabled", "learner.batch_groups=8", "learner.mini_batch_groups=8"],
                      tag, tmp_path / "train.out", env=run_env(tag))
         try:
             rc = run.wait(600)

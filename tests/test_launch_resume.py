@@ -27,7 +27,8 @@ CKPT = 2      # checkpoint_every: the run is stopped while it trains step CKPT +
 RESUMED_TOTAL = 4
 ACTORS = ("actor0",)  # one actor keeps the two start-ups of this module short on a 2-core machine
 ARGS = ["launch.eval_every=0", "actors.max_response_length=32", "dashboard.enabled=false", "wandb.mode=disabled",
-        f"learner.checkpoint_every={CKPT}", f"actors.num_actors={len(ACTORS)}"]
+        f"learner.checkpoint_every={CKPT}", f"actors.num_actors={len(ACTORS)}",
+        "learner.batch_groups=8", "learner.mini_batch_groups=8"]
 
 
 @pytest.fixture(scope="module")
