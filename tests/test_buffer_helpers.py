@@ -32,8 +32,9 @@ def payload_meta(g: TrajectoryGroup):
 
 
 def start_server(run_dir, buffer_cfg: dict | None = None, restore_state: dict | None = None,
-                 wait_s: float = 30.0) -> subprocess.Popen:
-    """`python -m buffer` as a real process; returns once endpoints.json names its pid."""
+                 wait_s: float = 30.0, preexec_fn=None) -> subprocess.Popen:
+    """`python -m buffer` as a real process; returns once endpoints.json names its pid.
+    preexec_fn runs in the child before exec (e.g. to set resource limits)."""
     cmd = [sys.executable, "-m", "buffer", "--run-dir", str(run_dir),
            "--config-json", json.dumps(buffer_cfg or {})]
     if restore_state is not None:
@@ -41,7 +42,8 @@ def start_server(run_dir, buffer_cfg: dict | None = None, restore_state: dict | 
         p.write_text(json.dumps(restore_state))
         cmd += ["--restore-state", str(p)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=preexec_fn)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:

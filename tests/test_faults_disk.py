@@ -2,21 +2,17 @@
 the buffer stops with an error, nothing it acknowledged is lost, no partial record stays behind, and a
 restarted buffer takes the producers' unacknowledged groups (re-sent by their clients)."""
 
-import os
 import resource
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from archer_async import wire
 from archer_async.buffer_client import BufferClient, BufferTimeout
 from archer_async.config import BufferConfig
 from buffer.store import BufferStore
-from tests.test_buffer_helpers import REPO, make_group, start_server
+from tests.test_buffer_helpers import make_group, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -28,19 +24,7 @@ def _limited_server(run_dir: Path, cfg: dict) -> subprocess.Popen:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (_LIMIT, _LIMIT))
 
-    cmd = [sys.executable, "-m", "buffer", "--run-dir", str(run_dir), "--config-json", __import__("json").dumps(cfg)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=limit)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if wire.read_endpoints(run_dir)["pid"] == proc.pid:
-                return proc
-        except Exception:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    raise AssertionError("buffer did not start")
+    return start_server(run_dir, cfg, preexec_fn=limit)
 
 
 def test_disk_full_mid_ingest_loses_nothing_acknowledged(tmp_path):
