@@ -105,6 +105,11 @@ class VLLMBackend:
         self._update_lock = asyncio.Lock()
         self.closing = False
 
+    @property
+    def dead(self) -> bool:
+        """True once the engine-core process has died or the engine stopped: nothing more can be served."""
+        return not self.closing and bool(getattr(self.llm, "errored", False))
+
     @classmethod
     async def create(cls, model_path: str, actors: ActorsConfig, sync: SyncConfig, seed: int,
                      initial_version: int, max_model_len: int, dtype: str = "float32",

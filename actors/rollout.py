@@ -257,6 +257,7 @@ class RolloutActor:
             "in_flight_prompts": len(self._inflight), "tokens_generated": self.tokens_generated,
             "groups_sent": self.groups_sent, "prompts_skipped": self.prompts_skipped,
             "updates": len(self.updates), "error": None if self.error is None else repr(self.error),
+            "engine_dead": bool(getattr(self.engine, "dead", False)),
         }
 
     def data_state(self) -> dict:

@@ -156,7 +156,7 @@ class LearnerConfig(_Section):
     """Passes over each training step's batch."""
     micro_batch_size: int = 16
     """Responses per forward/backward on one rank (gradient accumulation keeps the loss invariant)."""
-    lr: float = 2e-5
+    lr: float = 5e-5
     """AdamW learning rate after warm-up."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
@@ -166,7 +166,7 @@ class LearnerConfig(_Section):
     """Global gradient-norm clip; a step whose norm is not finite is skipped."""
     warmup_steps: int = 0
     """Linear warm-up optimizer steps, then constant."""
-    total_steps: int = 120
+    total_steps: int = 80
     """Training steps of the run."""
     activation_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
@@ -287,7 +287,7 @@ class LaunchConfig(_Section):
     """CPUs of the local Ray cluster (None: Ray detects)."""
     startup_timeout_s: float = 300.0
     """Deadline for every role to start and for collective set-up; the error names the role and node."""
-    eval_every: int = 40
+    eval_every: int = 20
     """Held-out evaluation every this many steps (and at start and end); 0 disables."""
     eval_k: int = 4
     """Samples per held-out problem (avg@K, pass@K)."""

@@ -7,8 +7,11 @@
    training split's prompts and reference responses, with a Qwen-style jinja chat template;
 3. initialises a small Qwen2ForCausalLM (head_dim 64, which vLLM's CPU attention accepts;
    tied embeddings; rope);
-4. runs a short supervised warm start on the training split (loss on response tokens only),
-   stopped early on purpose so that sampling finds correct answers often while RL has room left;
+4. runs a supervised warm start on the training split (loss on response tokens only): first every
+   arithmetic answer is worked out in the `<think>` scratchpad, then most are given directly with an
+   empty scratchpad. The warm-started model mostly guesses (rarely right) and only sometimes works the
+   sum out (right about half the time): RL has a clear, verifiable choice to learn at the first
+   response token, the kind of high-entropy "forking" token Archer's dual-token constraint is about;
 5. measures held-out accuracy (greedy and T=0.8 with k samples) with the real reward graders
    (`archer_async.rewards` reward pool) when it starts here, else with the built-in check (`Grader`);
 6. saves everything in Hugging Face format (config.json, model.safetensors, tokenizer files,
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -72,14 +76,22 @@ class TinySpec:
     """MLP width."""
     max_position_embeddings: int = 512
     """Longest sequence (prompt + response)."""
-    sft_steps: int = 300
-    """Supervised warm-start optimizer steps (deliberately short: RL must have room to improve)."""
+    sft_steps: int = 550
+    """Supervised warm-start optimizer steps."""
     sft_batch_size: int = 32
     """Sequences per SFT step."""
     sft_lr: float = 3e-3
     """Peak AdamW learning rate of the warm start (linear warm-up over 10% of the steps, cosine to 10%)."""
     sft_math_fraction: float = 0.75
     """Share of SFT examples drawn from tiny_math rows (the code family is learnt much faster)."""
+    sft_direct_fraction: float = 0.8
+    """Share of tiny_math SFT examples answered directly, with an empty scratchpad
+    (`<think></think>` then the boxed answer) instead of the worked column arithmetic. The warm
+    start then mostly guesses; working the sum out is right far more often, so RL has a clear
+    choice to learn at the first response token."""
+    sft_direct_start: float = 0.7
+    """Point of the warm start (fraction of sft_steps) from which direct answers are mixed in; before
+    it every tiny_math example is worked, so the model first learns the column arithmetic."""
     eval_problems: int = 200
     """Held-out problems measured at the end of the build (0: skip the measurement)."""
     eval_k: int = 4
@@ -133,14 +145,24 @@ def build_model(spec: TinySpec, tokenizer):
     return Qwen2ForCausalLM(cfg).float()
 
 
-def _sft_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
-    """(ids [P+R+1], P) per row: prompt, reference response, EOS; loss on the last R+1 tokens."""
+def direct_reference(reference: str) -> Optional[str]:
+    """The reference with its scratchpad emptied (`<think></think>` + the answer), or None without one."""
+    m = re.fullmatch(r"<think>.*?</think>(.*)", reference, flags=re.S)
+    return f"<think></think>{m.group(1)}" if m else None
+
+
+def _sft_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int, Optional[list[int]]]]:
+    """(ids [P+R+1], P, direct ids or None) per row: prompt, reference response, EOS (loss on the
+    last R+1 tokens); the third item is the same with the direct-answer response, where one exists."""
     out = []
     eos = tokenizer.eos_token_id
     for row in rows:
         p = prompt_ids(tokenizer, row)
-        r = tokenizer.encode(row["extra_info"]["reference"], add_special_tokens=False)
-        out.append((p + r + [eos], len(p)))
+        ref = row["extra_info"]["reference"]
+        r = tokenizer.encode(ref, add_special_tokens=False)
+        d = direct_reference(ref)
+        direct = p + tokenizer.encode(d, add_special_tokens=False) + [eos] if d is not None else None
+        out.append((p + r + [eos], len(p), direct))
     return out
 
 
@@ -174,7 +196,10 @@ def sft(model, tokenizer, rows: list[dict], spec: TinySpec, log: Callable[[str],
     losses = []
     for step in range(spec.sft_steps):
         idx = torch.multinomial(weights, spec.sft_batch_size, replacement=True, generator=gen).tolist()
-        batch = [examples[i] for i in idx]
+        mix = spec.sft_direct_fraction > 0 and step >= spec.sft_direct_start * spec.sft_steps
+        coins = torch.rand(len(idx), generator=gen).tolist() if mix else [1.0] * len(idx)  # [B]
+        batch = [(d if d is not None and c < spec.sft_direct_fraction else ids, plen)
+                 for (ids, plen, d), c in ((examples[i], c) for i, c in zip(idx, coins))]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
         labels = torch.full((len(batch), width), -100, dtype=torch.long)  # [B, L]

@@ -7,6 +7,8 @@ Seeded (the kill schedule and the waits come from `random.Random(seed)`), bounde
 
     actor    the actor's Ray worker (the driver re-places it with the same index; the run goes on)
     reward   one math-verification worker process of an actor (its sample becomes an infra_error)
+    engine   the vLLM engine-core process of an actor (the actor stops generating; the driver re-places
+             it at the next weight sync, or stops the step with a clear error if no actor generates)
     buffer   the buffer's process (the run stops with a message naming it; `resume` carries on)
     learner  one learner rank's process (as for the buffer)
 
@@ -35,7 +37,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-KINDS = ("actor", "reward", "buffer", "learner")
+KINDS = ("actor", "reward", "engine", "buffer", "learner")
 STOPPING = ("buffer", "learner")
 
 
@@ -156,18 +158,25 @@ def find_target(run_dir: Path, kind: str, rng: random.Random, num_actors: int, n
         role = f"learner{rng.randrange(num_ranks)}"
     elif kind == "buffer":
         role = "buffer"
-    else:
+    else:  # a child process of a live actor: a reward worker, or its vLLM engine core
         actor = f"actor{rng.randrange(num_actors)}"
         if actor not in pids:
             return None
-        workers = [p for p in _children(int(pids[actor]))
-                   if "archer_async.rewards.math_worker" in " ".join(_safe_cmdline(p))]
+        mark = "archer_async.rewards.math_worker" if kind == "reward" else "EngineCore"
+        workers = [p for p in _children(int(pids[actor])) if mark in " ".join(_safe_cmdline(p)) + _safe_name(p)]
         if not workers:
             return None
         w = workers[rng.randrange(len(workers))]
-        return f"reward worker of {actor}", w.pid
+        return f"{'reward worker' if kind == 'reward' else 'vLLM engine'} of {actor}", w.pid
     pid = pids.get(role)
     return (role, int(pid)) if pid and _alive(int(pid)) else None
+
+
+def _safe_name(p) -> str:
+    try:
+        return p.name()
+    except Exception:  # noqa: BLE001 - the process may be gone
+        return ""
 
 
 def _safe_cmdline(p) -> list[str]:

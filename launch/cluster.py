@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -56,7 +58,22 @@ def preflight(cfg: Config, resume: bool) -> Preflight:
     pre = Preflight(model.resolve(), len(train_rows), len(eval_rows))
     if resume:
         pre.checkpoint, pre.restore = read_latest_checkpoint(Path(cfg.run_dir))
+        check_buffer_log(Path(cfg.run_dir))
     return pre
+
+
+def check_buffer_log(run_dir: Path, timeout_s: float = 300.0) -> None:
+    """Read-only check of the run's buffer log by the buffer's own reader (`archer-async buffer inspect`,
+    in a child process: the launcher does not import the buffer role). A corrupt sealed segment is a
+    UserError naming it, before any process starts; a torn tail is fine (the buffer truncates it)."""
+    if not (run_dir / "buffer" / "log").is_dir():
+        return
+    cmd = [sys.executable, "-m", "archer_async.cli", "buffer", "inspect", str(run_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        msg = lines[-1].removeprefix("archer-async: ") if lines else f"exit code {r.returncode}"
+        raise UserError(f"{run_dir / 'buffer' / 'log'}: the buffer log cannot be replayed: {msg}")
 
 
 def read_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:

@@ -13,7 +13,7 @@ import importlib
 import os
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -71,12 +71,14 @@ def place(role: str, run_dir: str, *, num_cpus: float, num_gpus: float = 0.0, no
     ).remote(role, run_dir, dict(env or {}))
 
 
-def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, watch: Optional[dict] = None):
+def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, watch: Optional[dict] = None,
+         check: Optional[Callable[[], None]] = None, check_every_s: float = 15.0):
     """ray.get with a deadline; errors name the role(s) and what they were doing.
 
     Fails fast: a reference that errors (its process died, its method raised) stops the wait at once,
     without waiting for the others. `watch` ({role: host}): roles whose death must also stop the wait
-    (e.g. the buffer while the learner waits for data); checked every few seconds.
+    (e.g. the buffer while the learner waits for data); checked every few seconds. `check`: called
+    every `check_every_s` while waiting; it raises (StartupError) to stop a wait that cannot succeed.
     """
     single = not isinstance(refs, (list, tuple))
     lst = [refs] if single else list(refs)
@@ -84,6 +86,7 @@ def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, w
     start = time.time()
     pending = {ref: names[i] for i, ref in enumerate(lst)}
     next_check = start + _WATCH_EVERY_S
+    next_call = start + check_every_s
     while pending:
         left = timeout_s - (time.time() - start)
         if left <= 0:
@@ -98,6 +101,9 @@ def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, w
                 raise StartupError(f"{', '.join(dead)}: the process died during {what} (killed or crashed; "
                                    "see the run's logs/ directory)")
             next_check = time.time() + _WATCH_EVERY_S
+        if check is not None and pending and time.time() >= next_call:
+            check()
+            next_call = time.time() + check_every_s
     out = [_get(ref, what, names[i]) for i, ref in enumerate(lst)]
     return out[0] if single else out
 

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
@@ -73,6 +73,7 @@ class Run:
         self.eval_history: list[tuple[int, float]] = []
         self.actor_states: list = []      # per actor: data_state of the last checkpoint (re-placed actors restart there)
         self.actor_restarts = 0
+        self.actor_errors: dict[int, str] = {}  # actors alive but stopped generating (their last stats' error)
         self.generating = False
         self.role_died = False
 
@@ -187,7 +188,7 @@ class Run:
         _console(f"training steps {start_step + 1}..{total}")
         step = start_step
         for step in range(start_step + 1, total + 1):
-            m = self._learners("step_from_buffer", what=f"training step {step}")[0]
+            m = self._learners("step_from_buffer", what=f"training step {step}", check=self._check_generation)[0]
             sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
@@ -211,22 +212,39 @@ class Run:
                      f"({100 * (a1 - a0):+.1f} points)")
 
     # ------------------------------------------------------------------------------------------
-    def _learners(self, method: str, *args, what: str, timeout: Optional[float] = None) -> list:
+    def _learners(self, method: str, *args, what: str, timeout: Optional[float] = None,
+                  check: Optional[Callable[[], None]] = None) -> list:
         """Call `method` on every learner rank (collective) and wait; errors name the rank."""
         refs = [h.call.remote(method, *args) for h in self.learners]
-        return self._wait_learners(refs, timeout or max(self.cfg.sync.timeout_s, 3600), what)
+        return self._wait_learners(refs, timeout or max(self.cfg.sync.timeout_s, 3600), what, check)
 
-    def _wait_learners(self, refs: list, timeout: float, what: str) -> list:
+    def _wait_learners(self, refs: list, timeout: float, what: str, check: Optional[Callable[[], None]] = None) -> list:
         """Wait for one collective call of every rank; the buffer's and every rank's death stops it."""
         try:
             return wait(refs, timeout, what, [f"learner{r}" for r in range(len(self.learners))],
-                        watch=self._core_roles())
+                        watch=self._core_roles(), check=check)
         except StartupError as e:
             # a surviving rank often reports first (its collective lost a peer): name the dead process
             dead = [] if "died" in str(e) else dead_roles(self._core_roles())
             if dead:
                 raise StartupError(f"{', '.join(dead)}: the process died during {what} (then: {e})") from None
             raise
+
+    def _check_generation(self) -> None:
+        """Stop a training step that can never get data: every actor is dead or has stopped generating
+        (dead actors are re-placed only at a weight sync, which waits for this step)."""
+        hosts = {f"actor{i}": a for i, a in enumerate(self.actors)}
+        dead = set(dead_roles(hosts))
+        stats: dict[str, Optional[dict]] = {}
+        for role, host in hosts.items():
+            if role not in dead:
+                try:
+                    stats[role] = wait(host.call.remote("stats"), 30, "stats", [role])
+                except StartupError:
+                    stats[role] = None  # a slow answer is not a stopped actor
+        why = no_generation_reason(dead, stats)
+        if why:
+            raise StartupError(why)
 
     def _core_roles(self) -> dict:
         """Roles whose death stops the run (the buffer and every learner rank; actors are re-placed)."""
@@ -263,6 +281,7 @@ class Run:
                         self._actor_call(i, "start", what="start of generation")
                 return {"seconds": time.time() - t0}
             if attempt == 0:  # aborted: every actor still serves its previous version; try once more
+                self._note_stopped_actors()  # an actor whose engine died is re-placed for the retry
                 why = "; ".join(died + failed) or res.get("error")
                 _console(f"weight sync to version {version} aborted ({why}); "
                          + ("re-placing and retrying" if died else "retrying once"))
@@ -270,6 +289,16 @@ class Run:
             why = "; ".join(failed + died) or res.get("error")
             raise StartupError(f"weight sync to version {version} failed: {why}")
         raise AssertionError("unreachable")
+
+    def _note_stopped_actors(self) -> None:
+        """Record live actors that can no longer generate (self.actor_errors): re-placed at the next sync."""
+        for i, a in enumerate(self.actors):
+            try:
+                why = _stopped_reason(wait(a.call.remote("stats"), 30, "stats", [f"actor{i}"]))
+            except StartupError:
+                continue  # dead (healed anyway) or slow (not stopped)
+            if why:
+                self.actor_errors[i] = why
 
     def _actor_call(self, i: int, method: str, *args, what: str) -> Any:
         """Call actor i; if its process died, log it and return None (it is re-placed, with the last
@@ -287,11 +316,14 @@ class Run:
         RUN_DIR/actors/actor<i>.json) and the data cursor of the last checkpoint; returns their
         indices. They serve weights only after the next update and start generating after it."""
         dead = dead_roles({f"actor{i}": a for i, a in enumerate(self.actors)})
+        stopped = {f"actor{i}": err for i, err in self.actor_errors.items() if f"actor{i}" not in dead}
+        self.actor_errors = {}
         fresh = []
-        for role in dead:
+        for role in dead + sorted(stopped):
             i = int(role[len("actor"):])
             self.actor_restarts += 1
-            _console(f"{role} died: re-placing it (restart {self.actor_restarts}); generation goes on meanwhile")
+            why = f"stopped generating ({stopped[role]})" if role in stopped else "died"
+            _console(f"{role} {why}: re-placing it (restart {self.actor_restarts}); generation goes on meanwhile")
             cfg = self.cfg
             _quiet(lambda: __import__("ray").kill(self.actors[i]))
             host = place(role, str(self.run_dir), num_cpus=cfg.actors.cpus_per_actor,
@@ -329,6 +361,10 @@ class Run:
                 stats.append(wait(a.call.remote("stats"), 60, "stats", [f"actor{i}"]))
             except StartupError as e:  # a dead actor is re-placed before the next weight sync
                 log.warning("actor metrics: %s", e)
+                continue
+            why = _stopped_reason(stats[-1])
+            if why:  # alive, but its generation stopped (e.g. its vLLM engine died)
+                self.actor_errors[i] = why
         tps = sum(s.get("actor/tokens_per_s", 0.0) for s in stats)
         wfw = max((s.get("actor/wait_for_weights_s", 0.0) for s in stats), default=0.0)
         return {"actor/tokens_per_s": tps, "actor/wait_for_weights_s": wfw,
@@ -422,6 +458,24 @@ def _progress_line(row: dict, total: int) -> str:
             f"gen {f('actor/tokens_per_s', '{:.0f}')} tok/s  train {f('learner/tokens_per_s', '{:.0f}')} tok/s  "
             f"stale {f('staleness/mean', '{:.2f}')}  sync {f('sync/seconds', '{:.2f}')} s  "
             f"wait data {f('learner/wait_for_data_s', '{:.1f}')} s")
+
+
+def no_generation_reason(dead: set, stats: dict) -> str:
+    """The error of a run in which no actor can generate, or "" while at least one can.
+
+    `dead`: actor roles whose process is gone; `stats`: {role: its stats, or None if it did not answer
+    in time (counted as generating: slow is not stopped)} for the live ones."""
+    if any(st is None or not _stopped_reason(st) for st in stats.values()):
+        return ""
+    why = [f"{r}: the process died" for r in sorted(dead)] + [f"{r}: {_stopped_reason(st)}" for r, st in sorted(stats.items())]
+    return "no actor is generating (" + "; ".join(why) + "); the learner would wait for data forever"
+
+
+def _stopped_reason(stats: dict) -> str:
+    """Why an actor (by its stats) can no longer generate, or "" if it can."""
+    if stats.get("engine_dead"):
+        return "its vLLM engine died" + (f": {str(stats['error'])[:200]}" if stats.get("error") else "")
+    return str(stats["error"])[:200] if stats.get("error") else ""
 
 
 def _console(msg: str) -> None:

@@ -159,3 +159,26 @@ def test_buffer_inspect_corrupt_and_truncated_segment(tmp_path):
     data[len(data) // 2] ^= 0xFF
     sealed.write_bytes(bytes(data))
     _one_clear_line(_cli("buffer", "inspect", str(tmp_path)), sealed.name)
+
+
+def test_resume_with_corrupt_buffer_segment(tmp_path):
+    """A sealed buffer segment with a flipped byte: resume stops before any process starts, naming the
+    segment, and leaves the run directory as it was (the log needs a human, nothing is truncated)."""
+    from archer_async.config import BufferConfig
+    from buffer.store import BufferStore
+    from tests.test_buffer_helpers import make_group, payload_meta
+
+    run = _fake_run(tmp_path, {"DONE": json.dumps({"step": 2}),
+                               "learner_state.json": json.dumps({"step": 2, "version": 2}), ".metadata": "x"})
+    store = BufferStore(run / "buffer" / "log", BufferConfig(segment_bytes=4096), 8)
+    for i in range(12):
+        store.ingest([payload_meta(make_group(i, tokens=100))])
+        store.commit()
+    store.close()
+    sealed = sorted((run / "buffer" / "log").glob("*.seg"))[0]
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    sealed.write_bytes(bytes(data))
+    before = _tree_digest(run)
+    _one_clear_line(_cli("resume", str(run)), sealed.name, "cannot be replayed")
+    assert _tree_digest(run) == before

@@ -60,3 +60,15 @@ def test_existing_output_needs_force(two_builds):
     a = two_builds[0]
     with pytest.raises(UserError, match="--force"):
         build_tiny(a, SMALL, log=lambda m: None)
+
+
+def test_direct_reference_empties_the_scratchpad_only():
+    from archer_async.taskgen import generate_tasks
+    from archer_async.tiny import direct_reference
+
+    assert direct_reference("<think>7 + 5 = 12. 1 + 2 + 1 = 4.</think>\n\\boxed{42}") == "<think></think>\n\\boxed{42}"
+    assert direct_reference("```python\nprint(1)\n```") is None  # code references have no scratchpad
+    train, _ = generate_tasks(40, 0, 0)
+    math_refs = [r["extra_info"]["reference"] for r in train if r["data_source"] == "tiny_math"]
+    assert math_refs and all(direct_reference(r).startswith("<think></think>\n\\boxed{") for r in math_refs)
+    assert all(direct_reference(r).endswith("}") for r in math_refs)
