@@ -162,6 +162,7 @@ def _engine_classes():
                 try:
                     self.model.load_weights(stream)
                 finally:
+                    stream.close()  # a loader that stopped early is reported to the sender with the next request
                     finalize_layerwise_reload(self.model, self.model_config)
                     refresh_tied_layers(self.model)
             t2 = time.monotonic()

@@ -4,7 +4,7 @@
         [--modes sync,async] [key=value ...]
 
 Runs `archer-async train` once per mode and round, interleaved (sync, async, sync, async, ...), on the
-embedded tiny default (2 vLLM actors, 2-rank FSDP2 learner over gloo, 8 prompts x 8 samples per
+embedded tiny default (2 vLLM actors, 2-rank FSDP2 learner over gloo, 16 prompts x 8 samples per
 step, 64 new tokens at most) with `launch.eval_every=0` and checkpoints only at the end, then reads
 each run's metrics.jsonl:
 

@@ -3,19 +3,23 @@
     PYTHONPATH=. .venv/bin/python bench/bench_sync_limit.py [--sizes-mb 1.4,64,256] [--receivers 2] [--reps 5]
 
 One sender (this process) and `--receivers` receiver processes on 127.0.0.1, all on the gloo backend.
-For every payload size the two variants run interleaved (A B A B ...), timed on the sender from the
-start of the update until every receiver holds the data:
+For every payload size the four variants below run interleaved (A B C D A B C D ...; with `--rotate` the
+order rotates by one every repetition, B C D A, C D A B, ...), each timed on the sender from the
+start of the update until every receiver holds the data. Between two variants the sender waits,
+outside the timing, until every receiver has finished its side of the previous one (so one variant's
+teardown, e.g. a fresh group's destruction on the receivers, is not billed to the next; `--no-settle`
+starts the next variant at once, the method of earlier measurements):
 
 - project path: `WeightSender.send(named fp32 tensors, version)` -> every receiver iterates
-  `WeightReceiver.receive(version)` to the end (the full protocol: announcement in the TCPStore,
-  ready handshake, a fresh gloo group under the update's nonce, bucket headers, packing the tensors
-  into one flat buffer per bucket, broadcast, "done" acknowledgements);
+  `WeightReceiver.receive(version)` to the end (the full protocol: request/announcement in the
+  TCPStore, bucket headers, packing the tensors into one flat buffer per bucket, pipelined with its
+  chunked broadcast over the gloo group kept from the previous successful update, "done"
+  acknowledgements);
 - raw limit: `torch.distributed.broadcast` of one pre-packed flat uint8 tensor per bucket of the same
   size over a persistent gloo process group (created once, outside the timing), then a barrier so the
   sender knows every receiver has the bytes;
-- project path, 1 ms polling (diagnostic): the same WeightSender/WeightReceiver with the control plane's
-  poll back-off capped at 1 ms instead of 20 ms (`weight_transfer._POLL_MAX_S`, set in every process
-  for this variant only);
+- project path, fresh group (diagnostic): the same, with `WeightSender.reuse_group = False`, so every
+  update rendezvouses a new gloo group (the behaviour before groups were reused);
 - raw + fresh group (diagnostic): the same broadcast and barrier over a new `ProcessGroupGloo`
   rendezvoused per update in a TCPStore (what the project's protocol does for failure isolation),
   the group's creation inside the timing.
@@ -41,10 +45,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archer_async import weight_transfer as wt  # noqa: E402
 from archer_async.weight_transfer import WeightReceiver, WeightSender, free_port, make_sync_init  # noqa: E402
-
-DEFAULT_POLL_MAX_S = wt._POLL_MAX_S
 
 
 def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:
@@ -100,7 +101,6 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
         if cmd[0] == "stop":
             break
         if cmd[0] == "ws":
-            wt._POLL_MAX_S = cmd[2]
             n = 0
             for _, t in rx.receive(cmd[1]):
                 n += t.numel() * t.element_size()
@@ -113,13 +113,15 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
             pg = _fresh_group(store, cmd[2], rank, world)
             _fresh_round(pg, [torch.empty(n, dtype=torch.uint8) for n in cmd[1]])
             del pg
+        if cmd[-1] == "settle":
+            q_out.put("idle")
     rx.close()
     dist.destroy_process_group()
 
 
 def buckets_of(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[int]:
     """Byte sizes of the flat buffers WeightSender would send (same bucketing rule, 64-byte alignment)."""
-    from archer_async.weight_transfer import _align
+    from archer_async.weight_buckets import _align
 
     sizes, cur, size = [], 0, 0
     for _, t in tensors:
@@ -140,6 +142,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--rotate", action="store_true",
+                    help="rotate the order of the variants every repetition (default: always the same order)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="start each variant as soon as the sender finished the previous one (default: wait, "
+                         "outside the timing, until every receiver has finished its side of it too)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = 1 + args.receivers
@@ -162,6 +169,8 @@ def main() -> None:
     for _ in procs:
         assert q_out.get(timeout=300) == "ready"
     bucket_bytes = args.bucket_mb << 20
+    settle = not args.no_settle
+    tag = "settle" if settle else ""
     version = 0
     results = []
     print(f"load average at start: {os.getloadavg()}", flush=True)
@@ -169,49 +178,63 @@ def main() -> None:
         tensors = payload(size_mb)
         sizes = buckets_of(tensors, bucket_bytes)
         flats = [torch.empty(n, dtype=torch.uint8) for n in sizes]
-        ws_times, raw_times, fresh_times, fast_times = [], [], [], []
-        for rep in range(args.reps + 1):              # rep 0: warm-up of both variants, not counted
-            version += 1
+        times: dict[str, list[float]] = {"ws": [], "ws_fresh": [], "raw": [], "raw_fresh": []}
+        stats: dict[str, dict] = {}
+        counter = [version]
+
+        def run_ws(reuse: bool, key: str) -> float:
+            counter[0] += 1
+            sender.reuse_group = reuse
             for q in qs:
-                q.put(("ws", version, DEFAULT_POLL_MAX_S))
+                q.put(("ws", counter[0], tag))
             t0 = time.perf_counter()
-            st = sender.send(iter(tensors), version, bucket_bytes)
-            t_ws = time.perf_counter() - t0
-            version += 1
-            wt._POLL_MAX_S = 0.001
+            stats[key] = sender.send(iter(tensors), counter[0], bucket_bytes)
+            dt = time.perf_counter() - t0
+            sender.reuse_group = True
+            return dt
+
+        def run_raw() -> float:
             for q in qs:
-                q.put(("ws", version, 0.001))
-            t0 = time.perf_counter()
-            sender.send(iter(tensors), version, bucket_bytes)
-            t_fast = time.perf_counter() - t0
-            wt._POLL_MAX_S = DEFAULT_POLL_MAX_S
-            for q in qs:
-                q.put(("raw", sizes))
+                q.put(("raw", sizes, tag))
             t0 = time.perf_counter()
             for f in flats:
                 dist.broadcast(f, src=0)
             dist.barrier()
-            t_raw = time.perf_counter() - t0
+            return time.perf_counter() - t0
+
+        def run_raw_fresh(rep: int) -> float:
             nonce = f"{size_mb}-{rep}"
             for q in qs:
-                q.put(("fresh", sizes, nonce))
+                q.put(("fresh", sizes, nonce, tag))
             t0 = time.perf_counter()
             pg = _fresh_group(store, nonce, 0, world)
             _fresh_round(pg, flats)
-            t_fresh = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
             del pg
-            if rep:
-                ws_times.append(t_ws)
-                raw_times.append(t_raw)
-                fresh_times.append(t_fresh)
-                fast_times.append(t_fast)
+            return dt
+
+        variants = [("ws", lambda rep: run_ws(True, "ws")), ("ws_fresh", lambda rep: run_ws(False, "ws_fresh")),
+                    ("raw", lambda rep: run_raw()), ("raw_fresh", run_raw_fresh)]
+        for rep in range(args.reps + 1):              # rep 0: warm-up of every variant, not counted
+            order = variants[rep % 4:] + variants[:rep % 4] if args.rotate else variants
+            for name, fn in order:
+                dt = fn(rep)
+                if settle:  # the receivers' side of this variant (teardown included) ends before the next starts
+                    for _ in procs:
+                        assert q_out.get(timeout=300) == "idle"
+                if rep:
+                    times[name].append(dt)
+            assert stats["ws_fresh"]["new_group"] and (rep == 0 or not stats["ws"]["new_group"]), stats
+        version = counter[0]
+        st = stats["ws"]
+        ws_times, raw_times, fresh_times, fast_times = times["ws"], times["raw"], times["raw_fresh"], times["ws_fresh"]
         row = {"payload_bytes": st["bytes"], "buckets": st["num_buckets"], "tensors": st["num_tensors"],
-               "receivers": args.receivers, "reps": args.reps,
+               "receivers": args.receivers, "reps": args.reps, "rotate": args.rotate, "settle": settle,
                "weightsender_median_s": statistics.median(ws_times), "weightsender_min_s": min(ws_times),
                "raw_broadcast_median_s": statistics.median(raw_times), "raw_broadcast_min_s": min(raw_times),
                "raw_fresh_group_median_s": statistics.median(fresh_times), "raw_fresh_group_min_s": min(fresh_times),
-               "weightsender_poll1ms_median_s": statistics.median(fast_times),
-               "weightsender_poll1ms_min_s": min(fast_times), "load_avg_1m": os.getloadavg()[0]}
+               "weightsender_fresh_group_median_s": statistics.median(fast_times),
+               "weightsender_fresh_group_min_s": min(fast_times), "load_avg_1m": os.getloadavg()[0]}
         row["ratio_median"] = row["weightsender_median_s"] / row["raw_broadcast_median_s"]
         row["ratio_min"] = row["weightsender_min_s"] / row["raw_broadcast_min_s"]
         row["weightsender_GBps"] = st["bytes"] / row["weightsender_median_s"] / 1e9
@@ -225,14 +248,14 @@ def main() -> None:
     sender.close()
     dist.destroy_process_group()
     print("\n| payload MB | buckets | WeightSender median s (min) | raw gloo broadcast median s (min) | ratio median (min) "
-          "| raw + fresh group median s (min) | WeightSender, 1 ms polling, median s (min) | load avg |")
+          "| raw + fresh group median s (min) | WeightSender, fresh group, median s (min) | load avg |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['payload_bytes'] / 1e6:.2f} | {r['buckets']} | {r['weightsender_median_s']:.4f} "
               f"({r['weightsender_min_s']:.4f}) | {r['raw_broadcast_median_s']:.4f} ({r['raw_broadcast_min_s']:.4f}) | "
               f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}) | {r['raw_fresh_group_median_s']:.4f} "
-              f"({r['raw_fresh_group_min_s']:.4f}) | {r['weightsender_poll1ms_median_s']:.4f} "
-              f"({r['weightsender_poll1ms_min_s']:.4f}) | {r['load_avg_1m']:.1f} |")
+              f"({r['raw_fresh_group_min_s']:.4f}) | {r['weightsender_fresh_group_median_s']:.4f} "
+              f"({r['weightsender_fresh_group_min_s']:.4f}) | {r['load_avg_1m']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

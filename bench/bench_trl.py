@@ -37,6 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_PROMPTS, GROUP, MAX_NEW, MICRO = 8, 8, 64, 16
+ARCHER_SAME_WORKLOAD = [f"learner.batch_groups={BATCH_PROMPTS}", f"learner.mini_batch_groups={BATCH_PROMPTS}",
+                        f"learner.micro_batch_size={MICRO}", "learner.lr=1e-4", "learner.ppo_epochs=1",
+                        f"actors.samples_per_prompt={GROUP}", f"actors.max_response_length={MAX_NEW}",
+                        "actors.temperature=1.0", "actors.top_p=1.0"]
+"""archer-async settings pinned to TRL's side (the archer defaults may differ: e.g. 16 prompts per step)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         rd = out / f"archer-r{rnd}"
         a = run_archer("async", args.steps, rd, [f"data.train_files=[{data_dir / 'train.jsonl'}]",
-                                                f"data.eval_files=[{data_dir / 'eval.jsonl'}]"])
+                                                f"data.eval_files=[{data_dir / 'eval.jsonl'}]", *ARCHER_SAME_WORKLOAD])
         a.update(system="archer-async", round=rnd)
         if a["rc"] == 0:
             rows = read_rows(rd)

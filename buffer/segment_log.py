@@ -7,10 +7,13 @@ segment, always the highest number. A record is
 
 little endian; check is the low 32 bits of XXH3-64 (~50 GB/s against zlib's CRC32 at ~2-5 GB/s; it
 detects torn and garbage writes, it is not a security measure). Records written with a CRC32 check
-(logs of earlier versions) are still accepted on replay. ``append`` writes records (one writev, no fsync); ``sync`` makes everything appended
-so far durable with one fsync (group commit) and seals the active segment once it passed
-``segment_bytes``: fsync, atomic rename ``.open`` -> ``.seg``, fsync of the directory. After each
-fsync the synced pages are dropped from the page cache (POSIX_FADV_DONTNEED; see `_drop_cache`).
+(logs of earlier versions) are still accepted on replay. ``append`` writes records (one writev, no
+fsync; in deferred mode it frames them at once, in the caller's thread while the bodies are still in
+its CPU cache, and queues them, see ``begin_sync``); ``sync`` makes everything appended so far durable
+with one fdatasync (group commit: data and file size, as rename and replay need nothing else of the
+inode) and seals the active segment once it passed ``segment_bytes``: fdatasync, atomic rename
+``.open`` -> ``.seg``, fsync of the directory. After each fdatasync the synced pages are dropped
+from the page cache (POSIX_FADV_DONTNEED; see `run_sync`).
 
 On open, ``replay`` scans every segment; in the active one it truncates a torn or garbage tail to
 the last valid record (Kafka's recovery) and reports it in ``tail``. A bad record inside a sealed
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 
 import xxhash
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from archer_async.config import UserError
 
@@ -46,6 +50,20 @@ class Location:
     segment: int
     offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """A group commit: records of `segment` from byte `start` to `size` (queued ones still to be
+    written, as (type, [body parts])), durable once run_sync returns; `seal`: close the segment."""
+
+    segment: int
+    start: int
+    size: int
+    records: list
+    seal: bool
+    ticket: int
+    """Points are written in ticket order (begin_sync hands them out)."""
 
 
 @dataclass
@@ -144,8 +162,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SegmentLog:
-    """The buffer's write-ahead log. Not thread-safe except that `sync` may run in another thread
-    while no `append` is running (the server's pipeline guarantees that)."""
+    """The buffer's write-ahead log. Not thread-safe, except that `run_sync` may run in another
+    thread, concurrently with `append` (the server's pipeline: batch k+1 is appended while batch k is
+    fsynced)."""
 
     def __init__(self, directory: str | os.PathLike, segment_bytes: int = 64 << 20,
                  fsync: bool = True, readonly: bool = False):
@@ -154,10 +173,21 @@ class SegmentLog:
         self.fsync = fsync
         self.readonly = readonly
         self.tail: Optional[TailReport] = None
-        self._fd: Optional[int] = None
+        self.deferred = False
+        """True: append only queues records; run_sync writes them (see begin_sync)."""
+        # Owner's view: the segment appends go to and its size including queued records.
         self._active: int = 0
         self._size: int = 0
-        self._dropped: int = 0  # page cache of the active segment dropped up to this offset
+        self._queue: list = []
+        # Writer's view (the sync thread's while a run_sync is in flight).
+        self._fd: Optional[int] = None
+        self._fd_segment: int = 0
+        self._written: int = 0  # bytes of _fd's segment on disk
+        self._dropped: int = 0  # page cache of that segment dropped up to this offset
+        self._failed: Optional[OSError] = None
+        self._tickets = 0  # sync points handed out
+        self._turn = 0  # the sync point whose records are written next
+        self._turn_cv = threading.Condition()
         self._replayed = False
         if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -218,77 +248,138 @@ class SegmentLog:
                     self._active, self._size = num, valid
         self._replayed = True
 
-    def _open_active(self) -> None:
-        if self._active == 0 or self._path(self._active, True).exists():
-            self._active = max([n for n, _ in self.segments()], default=0) + 1
-            self._size = 0
-        path = self._path(self._active, False)
-        created = not path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = os.fstat(self._fd).st_size
-        self._dropped = 0
-        if created:
-            _fsync_dir(self.dir)
-
     # ------------------------------------------------------------------ write
     def append(self, records: list[tuple[int, list]]) -> list[Location]:
-        """Write records (type, [body parts]) at the end of the active segment; no fsync.
+        """Append records (type, [body parts]) at the end of the active segment; no fsync.
 
-        On a write error the segment is cut back to where it was, so no partial record remains.
+        Immediate mode (default): written now (one writev); on a write error the segment is cut back
+        to where it was, so no partial record remains. Deferred mode: only queued (positions are
+        final); the next begin_sync/run_sync writes them.
         """
         if self.readonly:
             raise RuntimeError("read-only log")
         if not self._replayed:
             for _ in self.replay():
                 pass
-        if self._fd is None:
-            self._open_active()
-        bufs, locs = [], []
-        pos = self._size
+        if self._active == 0:
+            self._active = max([n for n, _ in self.segments()], default=0) + 1
+            self._size = 0
+        start = pos = self._size
+        locs = []
         for rtype, parts in records:
-            hdr = frame_header(rtype, parts)
-            size = len(hdr) + sum(len(p) for p in parts)
-            bufs.append(hdr)
-            bufs.extend(parts)
+            size = HEADER.size + 1 + sum(len(p) for p in parts)
             locs.append(Location(self._active, pos, size))
             pos += size
-        try:
-            _write_all(self._fd, bufs)
-        except OSError:
-            os.ftruncate(self._fd, self._size)
-            raise
         self._size = pos
+        if self.deferred:  # framed now, by the caller's thread, while the bodies are still in its cache
+            self._queue.extend((rtype, parts, frame_header(rtype, parts)) for rtype, parts in records)
+            return locs
+        try:
+            self._write(SyncPoint(self._active, start, pos, records, False, -1))
+        except OSError:
+            self._size = start
+            raise
         return locs
 
     def sync(self) -> None:
         """Make all appended records durable (one fsync); seal the active segment when full."""
-        if self._fd is None:
-            return
-        if self.fsync:
-            os.fsync(self._fd)
-            self._drop_cache()
-        if self._size >= self.segment_bytes:
-            self._seal()
+        self.run_sync(self.begin_sync())
 
-    def _drop_cache(self) -> None:
-        """Advise the kernel to drop the just-synced (clean) pages from the page cache. The buffer
-        keeps live payloads in memory, and appends into recycled pages cost ~5x less CPU than into
-        pages the kernel must take from its free memory (measured on the benchmark VM: writev of a
-        229 KB group 0.20-0.27 ms -> 0.04 ms)."""
-        if hasattr(os, "posix_fadvise") and self._size > self._dropped:
-            os.posix_fadvise(self._fd, self._dropped, self._size - self._dropped, os.POSIX_FADV_DONTNEED)
-            self._dropped = self._size
+    # Pipelined group commit (what the server uses, with deferred=True): the owner takes points with
+    # begin_sync and hands each to a helper thread running run_sync, which writes the point's queued
+    # records (strictly in the order the points were taken) and then fsyncs them. The write of point
+    # k+1 may overlap the fsync of point k (two helper threads); the owner keeps appending meanwhile.
+    def begin_sync(self) -> Optional[SyncPoint]:
+        """Take every record appended so far into a sync point (None: nothing was ever written)."""
+        if not self._queue and self._fd is None:
+            return None
+        records, self._queue = self._queue, []
+        start = self._size - sum(HEADER.size + 1 + sum(len(p) for p in rec[1]) for rec in records)
+        point = SyncPoint(self._active, start, self._size, records, self._size >= self.segment_bytes,
+                          self._tickets)
+        self._tickets += 1
+        if point.seal:  # later appends go to the next segment
+            self._active += 1
+            self._size = 0
+        return point
+
+    def run_sync(self, point: Optional[SyncPoint], on_written: Optional[Callable[[], None]] = None) -> None:
+        """Write the point's queued records (after those of every earlier point), make everything up
+        to the point durable (one fsync), advise the kernel to drop those now clean pages from the page
+        cache, and seal the segment if the point says so. Thread-safe against `append` and against a
+        run_sync of another point; on_written is called once the records are written (before the fsync).
+
+        Dropping the cache: the buffer keeps live payloads in memory, and appends into recycled pages
+        cost ~5x less CPU than into pages the kernel must take from its free memory (measured on the
+        benchmark VM: writev of a 229 KB group 0.20-0.27 ms -> 0.04 ms)."""
+        if point is None:
+            return
+        with self._turn_cv:
+            self._turn_cv.wait_for(lambda: self._turn == point.ticket)
+        fd, drop = None, (0, 0)
+        try:
+            if point.records:
+                if self._failed is not None:
+                    raise OSError(f"segment log: an earlier write failed ({self._failed})")
+                try:
+                    self._write(point)
+                except OSError as e:
+                    self._failed = e
+                    raise
+            if self._fd is not None and self._fd_segment == point.segment:
+                if point.seal:  # no overlap across a segment boundary: fsync, seal, then the next point
+                    if self.fsync:
+                        os.fdatasync(self._fd)
+                    self._seal()
+                elif self.fsync:  # our own handle: the segment may be sealed while we fsync
+                    fd, drop = os.dup(self._fd), (self._dropped, self._written)
+                    self._dropped = self._written
+        finally:
+            with self._turn_cv:
+                self._turn += 1
+                self._turn_cv.notify_all()
+        if on_written is not None:
+            on_written()
+        if fd is None:
+            return
+        try:
+            os.fdatasync(fd)  # data and the file size; the rest of the inode (mtime) is not needed
+            if hasattr(os, "posix_fadvise") and drop[1] > drop[0]:
+                os.posix_fadvise(fd, drop[0], drop[1] - drop[0], os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def _write(self, point: SyncPoint) -> None:
+        """Frame and write point.records at point.start of segment point.segment (one writev)."""
+        if self._fd is None:
+            path = self._path(point.segment, False)
+            created = not path.exists()
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fd_segment = point.segment
+            self._written = os.fstat(self._fd).st_size
+            self._dropped = 0
+            if created:
+                _fsync_dir(self.dir)
+        assert self._fd_segment == point.segment and self._written == point.start, (point, self._written)
+        bufs = []
+        for rec in point.records:
+            bufs.append(rec[2] if len(rec) > 2 else frame_header(rec[0], rec[1]))
+            bufs.extend(rec[1])
+        try:
+            _write_all(self._fd, bufs)
+        except OSError:
+            os.ftruncate(self._fd, point.start)
+            raise
+        self._written = point.size
 
     def _seal(self) -> None:
+        """Close the written segment (already fsynced when fsync is on), rename it .open -> .seg."""
         fd, self._fd = self._fd, None
-        if self.fsync:
-            os.fsync(fd)
         os.close(fd)
-        os.rename(self._path(self._active, False), self._path(self._active, True))
+        os.rename(self._path(self._fd_segment, False), self._path(self._fd_segment, True))
         if self.fsync:
             _fsync_dir(self.dir)
-        self._active += 1
-        self._size = 0
+        self._written = self._dropped = 0
 
     # ------------------------------------------------------------------ read
     def read(self, loc: Location) -> tuple[int, bytes]:
@@ -310,9 +401,11 @@ class SegmentLog:
         raise LogCorruptError(f"segment {loc.segment} is missing")
 
     def close(self) -> None:
-        """fsync (when enabled) and close the active segment."""
+        """Write what is queued, fsync (when enabled) and close the active segment."""
+        if self._queue and self._failed is None:
+            self.run_sync(self.begin_sync())
         if self._fd is not None:
             if self.fsync:
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)
             os.close(self._fd)
             self._fd = None

@@ -5,8 +5,11 @@ Two ROUTER sockets (RUN_DIR/buffer/endpoints.json names them): ``ingest`` takes 
 message per producer per group commit, listing [rid, status, group_id] of each of its groups);
 ``control`` serves sample / stats / admission / reserve / release / set_version / rewind / ping.
 Every message carries a MAC under the run's secret over all its bytes (archer_async.wire); others
-are counted and refused. One thread runs the loop; the fsync of batch k runs in a helper thread while the loop
-verifies and decodes batch k+1 (group commit: one fsync per batch, however many producers).
+are counted and refused. One thread runs the loop (receive, verify, index, queue log records, reply);
+two helper threads write the queued records and fsync them (group commit: one fsync for everything
+queued since the previous commit, however many producers). The loop verifies batch k+2 while batch k+1
+is written and batch k fsynced; it checks for finished commits every few puts, so acknowledgements
+go out as soon as their fsync returned, and never before.
 
 Start it as a process (``python -m buffer --run-dir D [--config-json J]``) or inside any Python
 process, e.g. a Ray actor, with the blocking ``serve(cfg, run_dir, restore_state, ready_callback,
@@ -21,7 +24,8 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -38,6 +42,10 @@ log = logging.getLogger("buffer.server")
 
 _MAX_BATCH_BYTES = 64 << 20
 _MAX_WAIT_MS = 60_000
+_CHUNK = 4
+"""Puts verified and appended between two checks of the commits in flight."""
+_MAX_COMMITS = 2
+"""Group commits in flight at once (the write of the newer overlaps the fsync of the older)."""
 
 
 def resolve_config(cfg: Union[Config, BufferConfig, dict, None]) -> tuple[BufferConfig, int]:
@@ -50,6 +58,17 @@ def resolve_config(cfg: Union[Config, BufferConfig, dict, None]) -> tuple[Buffer
         b = cfg.buffer
         return b, b.admission_batch_groups or cfg.learner.batch_groups
     return cfg, cfg.admission_batch_groups or 8
+
+
+@dataclass
+class _Commit:
+    """One group commit in flight: the groups it makes ready and the replies it releases."""
+
+    pending: list
+    replies: list
+    future: Optional[Future] = None
+    written: bool = False
+    """Its records are written (its fsync may still run): the next commit may start."""
 
 
 @dataclass
@@ -80,7 +99,14 @@ class BufferServer:
         self.counters = {"rejected_auth": 0, "rejected_malformed": 0}
         self._waiting: dict[str, _Waiting] = {}
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="buffer-fsync") if self.cfg.fsync else None
+        self._pool = (ThreadPoolExecutor(_MAX_COMMITS, thread_name_prefix="buffer-fsync")
+                      if self.cfg.fsync else None)
+        if self._pool is not None:  # records are written by the fsync threads, not the loop
+            self.store.log.deferred = True
+        self._wake_r, self._wake_w = os.pipe()  # the fsync threads wake the loop's poll through this
+        os.set_blocking(self._wake_r, False)
+        self._inflight: deque[_Commit] = deque()  # commits in flight, oldest first
+        self._staged: list = []  # replies that wait for the next fsync
         self.ctx = zmq.Context()
         self.ingest = self._socket()
         self.control = self._socket()
@@ -313,46 +339,103 @@ class BufferServer:
         poller = zmq.Poller()
         poller.register(self.ingest, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        inflight = None  # (future, pending entries, replies) of the fsync in progress
-        staged: list = []
+        poller.register(self._wake_r, zmq.POLLIN)
         stopping = lambda: self._stop.is_set() or (stop_event is not None and stop_event.is_set())  # noqa: E731
         while True:
-            if stopping() and inflight is None and not staged:
-                break
-            timeout = 0 if inflight is not None else 100
-            if self._waiting and inflight is None:
-                nearest = min(w.deadline for w in self._waiting.values()) - time.monotonic()
-                timeout = max(0, min(timeout, int(nearest * 1000) + 1))
-            events = dict(poller.poll(timeout)) if not stopping() else {}
-            ctrl = self._drain(self.control, 256) if self.control in events else []
-            puts = self._drain(self.ingest, self.cfg.max_commit_batch) if self.ingest in events else []
-            # CPU work for this batch overlaps with the fsync of the previous one.
-            ctrl = [m for m in (self._verify(self.control, f) for f in ctrl) if m]
-            puts = self._prepare_puts([m for m in (self._verify(self.ingest, f) for f in puts) if m])
-            if inflight is not None:
-                fut, pending, replies = inflight
-                fut.result()
-                self.store.publish(pending)
-                self._send_all(replies)
-                inflight = None
-            for ident, header, _ in ctrl:
-                try:
-                    self._handle_control(ident, header, staged)
-                except (wire.FrameError, KeyError, TypeError, ValueError) as e:
-                    self.counters["rejected_malformed"] += 1
-                    self._reply(self.control, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+            if stopping():
+                while self._inflight:
+                    self._finish_sync()
+                if not self._staged and not self.store.unsynced:
+                    break
+                events = {}
+            else:
+                timeout = 100
+                if self._waiting:
+                    nearest = min(w.deadline for w in self._waiting.values()) - time.monotonic()
+                    timeout = max(0, min(timeout, int(nearest * 1000) + 1))
+                events = dict(poller.poll(timeout))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            if self.control in events:
+                for frames in self._drain(self.control, 256):
+                    m = self._verify(self.control, frames)
+                    if m is not None:
+                        self._control(*m)
+            if self.ingest in events:
+                self._ingest_batch()
+            self._serve_waiting(self._staged)
+            self._commit()
+
+    def _control(self, ident: bytes, header: dict, _payload) -> None:
+        try:
+            self._handle_control(ident, header, self._staged)
+        except (wire.FrameError, KeyError, TypeError, ValueError) as e:
+            self.counters["rejected_malformed"] += 1
+            self._reply(self.control, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+
+    def _ingest_batch(self) -> None:
+        """Take up to max_commit_batch puts, in chunks of _CHUNK: each chunk is verified and appended,
+        then the fsync pipeline is served (acks of a finished fsync go out, the next fsync starts),
+        so a big batch neither delays acknowledgements nor leaves the disk idle."""
+        left = self.cfg.max_commit_batch
+        while left > 0:
+            msgs = self._drain(self.ingest, min(_CHUNK, left))
+            if not msgs:
+                return
+            left -= len(msgs)
+            puts = self._prepare_puts([m for m in (self._verify(self.ingest, f) for f in msgs) if m])
             if puts:
-                self._apply_puts(puts, staged)
-            self._serve_waiting(staged)
-            if self.store.unsynced or staged:
-                pending = self.store.take_pending()
-                if self._pool is not None:
-                    inflight = (self._pool.submit(self.store.log.sync), pending, staged)
-                else:
-                    self.store.log.sync()
-                    self.store.publish(pending)
-                    self._send_all(staged)
-                staged = []
+                self._apply_puts(puts, self._staged)
+            self._commit()
+
+    # ------------------------------------------------------------------ group commit
+    def _commit(self) -> None:
+        """Serve the commit pipeline without blocking: acknowledge what finished fsyncs cover (in
+        order), then start a commit of everything appended since, unless the newest commit is still
+        writing (then more accumulates) or two are in flight (the write of one overlaps the fsync of
+        the other)."""
+        while self._inflight and self._inflight[0].future.done():
+            self._finish_sync()
+        if not (self.store.unsynced or self._staged):
+            return
+        if self._pool is None:
+            pending, staged = self.store.take_pending(), self._staged
+            self._staged = []
+            self.store.log.sync()
+            self.store.publish(pending)
+            self._send_all(staged)
+            return
+        if len(self._inflight) >= _MAX_COMMITS or (self._inflight and not self._inflight[-1].written):
+            return
+        job = _Commit(self.store.take_pending(), self._staged)
+        self._staged = []
+        point = self.store.log.begin_sync()
+        job.future = self._pool.submit(self._sync_job, point, job)
+        job.future.add_done_callback(self._wake)
+        self._inflight.append(job)
+
+    def _wake(self, _=None) -> None:
+        """Wake the loop's poll (called from the fsync threads)."""
+        os.write(self._wake_w, b"\0")
+
+    def _sync_job(self, point, job: "_Commit") -> None:
+        """In an fsync thread: write the records of `point`, then make them durable."""
+
+        def written() -> None:
+            job.written = True
+            self._wake()
+
+        self.store.log.run_sync(point, written)
+
+    def _finish_sync(self) -> None:
+        """After the oldest commit in flight returned: publish its groups, send its replies."""
+        job = self._inflight.popleft()
+        job.future.result()  # blocks only while stopping; raises the write's or fsync's OSError
+        self.store.publish(job.pending)
+        self._send_all(job.replies)
 
     def close(self) -> None:
         """Close sockets and the log (idempotent)."""
@@ -363,6 +446,10 @@ class BufferServer:
             sock.close(linger=200)
         self.ctx.term()
         self.store.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
 
 def serve(cfg: Union[Config, BufferConfig, dict, None], run_dir: str | os.PathLike,

@@ -1,0 +1,133 @@
+"""Bucket layout of a weight update: how named tensors are laid out in one flat byte buffer, packed
+into it (whole, or one broadcast chunk at a time) and viewed back out of it on the receiving side.
+
+Pure tensor code with no communication; `archer_async.weight_transfer` sends what it lays out here.
+A bucket header is {"names", "dtypes", "shapes", "offsets", "nbytes"}: every tensor starts at a
+multiple of ALIGN_BYTES; `nbytes` is the flat buffer's size (uint8 [nbytes]).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ALIGN_BYTES = 64
+"""Every tensor starts at a multiple of this many bytes inside a bucket (dtype views need alignment)."""
+
+DEFAULT_CHUNK_BYTES = 16 << 20
+"""gloo: a bucket is broadcast in pieces of at most this size, the next packed while the previous travels."""
+
+MIN_CHUNK_BYTES = 4 << 20
+"""gloo: smallest piece (below this the per-broadcast cost outweighs the packing it hides)."""
+
+CHUNKS_PER_BUCKET = 8
+"""gloo: a bucket is cut into about this many pieces (within MIN_CHUNK_BYTES..chunk_bytes)."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+def bucket_layout(tensors: list[tuple[str, torch.Tensor]]) -> dict:
+    """Header of one bucket: names, dtypes, shapes, byte offsets (ALIGN_BYTES-aligned) and total nbytes."""
+    names, dtypes, shapes, offsets = [], [], [], []
+    off = 0
+    for name, t in tensors:
+        names.append(name)
+        dtypes.append(_dtype_name(t.dtype))
+        shapes.append(list(t.shape))
+        offsets.append(off)
+        off = _align(off + t.numel() * t.element_size())
+    return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "nbytes": off}
+
+
+def _byte_sources(tensors: list[tuple[str, torch.Tensor]], offsets: list[int]) -> list[tuple[int, int, torch.Tensor]]:
+    """(offset in the bucket, nbytes, uint8 [nbytes] view of the contiguous tensor) of every non-empty tensor."""
+    out = []
+    for (_, t), o in zip(tensors, offsets):
+        n = t.numel() * t.element_size()
+        if n:
+            src = t.detach()
+            if not src.is_contiguous():
+                src = src.contiguous()
+            out.append((o, n, src.reshape(-1).view(torch.uint8)))
+    return out
+
+
+def chunk_size(nbytes: int, max_chunk_bytes: int) -> int:
+    """Piece size for a bucket of `nbytes`: about nbytes / CHUNKS_PER_BUCKET, within
+    min(MIN_CHUNK_BYTES, max_chunk_bytes)..max_chunk_bytes, rounded up to ALIGN_BYTES
+    (max_chunk_bytes <= 0: one piece)."""
+    if max_chunk_bytes <= 0:
+        return 0
+    return _align(max(min(MIN_CHUNK_BYTES, max_chunk_bytes), min(max_chunk_bytes, nbytes // CHUNKS_PER_BUCKET)))
+
+
+def chunk_bounds(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of the broadcasts of one bucket: fixed `chunk_bytes` pieces, the last shorter
+    (chunk_bytes <= 0: one piece). Sender and receivers derive them from the same header."""
+    if nbytes <= 0:
+        return []
+    step = chunk_bytes if chunk_bytes > 0 else nbytes
+    return [(s, min(s + step, nbytes)) for s in range(0, nbytes, step)]
+
+
+class _ChunkPacker:
+    """Fills one chunk [start, end) of a bucket at a time, in order: a view of the source tensor when a
+    single contiguous CPU tensor covers the whole chunk (no copy), else a copy of the overlapping
+    byte ranges into `flat` (uint8 [nbytes])."""
+
+    def __init__(self, sources: list[tuple[int, int, torch.Tensor]], flat: torch.Tensor):
+        self.sources, self.flat, self.i = sources, flat, 0
+
+    def chunk(self, start: int, end: int) -> torch.Tensor:
+        src = self.sources
+        while self.i < len(src) and src[self.i][0] + src[self.i][1] <= start:
+            self.i += 1
+        if self.i < len(src):
+            o, n, v = src[self.i]
+            if o <= start and o + n >= end and v.device == self.flat.device:
+                return v[start - o:end - o]
+        j = self.i
+        while j < len(src) and src[j][0] < end:
+            o, n, v = src[j]
+            lo, hi = max(o, start), min(o + n, end)
+            if hi > lo:
+                self.flat[lo:hi].copy_(v[lo - o:hi - o])
+            j += 1
+        return self.flat[start:end]
+
+
+def pack_bucket(tensors: list[tuple[str, torch.Tensor]], device: torch.device,
+                out: Optional[torch.Tensor] = None) -> tuple[dict, torch.Tensor]:
+    """(header, flat uint8 [nbytes] buffer on `device`) of one bucket.
+
+    `out`: a uint8 buffer on `device` to pack into when it is large enough (the result is then its
+    first nbytes, a view); otherwise a new buffer is allocated."""
+    header = bucket_layout(tensors)
+    off = header["nbytes"]
+    if out is not None and out.dtype == torch.uint8 and out.device == device and out.numel() >= off:
+        flat = out[:off]
+    else:
+        flat = torch.empty(off, dtype=torch.uint8, device=device)
+    for o, n, v in _byte_sources(tensors, header["offsets"]):
+        flat[o:o + n].copy_(v)
+    return header, flat
+
+
+def unpack_bucket(header: dict, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of pack_bucket: views into `flat` (no copy), one per tensor, with its dtype and shape."""
+    out = []
+    for name, dt, shape, o in zip(header["names"], header["dtypes"], header["shapes"], header["offsets"]):
+        dtype = getattr(torch, dt)
+        numel = 1
+        for s in shape:
+            numel *= s
+        n = numel * dtype.itemsize
+        out.append((name, flat[o:o + n].view(dtype).view(shape)))
+    return out
