@@ -81,6 +81,12 @@ def kill_tagged(tag: str) -> None:
             pass
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a terminal's foreground job (pytest
+    may run with SIGINT ignored, e.g. as a background job of a script, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class CliRun:
     """`python -m archer_async.cli ARGS` in its own session (like a terminal's foreground job), with
     stdout+stderr collected line by line (and copied to `log_path`)."""
@@ -95,7 +101,7 @@ class CliRun:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "archer_async.cli", *args], cwd=ROOT, env=env or run_env(tag),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_default_sigint)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
