@@ -34,18 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows of training steps (step >= 1), in order."""
-    rows = []
-    with open(run_dir / "metrics.jsonl") as f:
+def iter_jsonl(path: Path):
+    """The JSON objects of a JSON-lines file, skipping a line torn by a writer that was killed."""
+    with open(path) as f:
         for line in f:
             try:
-                r = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if int(r.get("step", 0)) >= 1 and "learner/step_s" in r:
-                rows.append(r)
-    return rows
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows of training steps (step >= 1), in order."""
+    return [r for r in iter_jsonl(run_dir / "metrics.jsonl") if int(r.get("step", 0)) >= 1 and "learner/step_s" in r]
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -145,17 +145,14 @@ def trl_summary(res: dict, warmup: int) -> dict:
 def archer_generated_tokens(run_dir: Path, t_from: float, t_to: float) -> float:
     """The actors' generated tokens/s over [t_from, t_to] from actor_metrics.jsonl (each actor reports
     its 30 s-window rate every 5 s): per 5 s slot the sum over actors, then the mean over slots."""
+    from bench_async import iter_jsonl
+
     per_time: dict[int, float] = {}
-    with open(run_dir / "actor_metrics.jsonl") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            t = float(r.get("time", 0))
-            if t_from <= t <= t_to:
-                per_time.setdefault(int(t // 5), 0.0)
-                per_time[int(t // 5)] += float(r.get("actor/tokens_per_s") or 0)
+    for r in iter_jsonl(run_dir / "actor_metrics.jsonl"):
+        t = float(r.get("time", 0))
+        if t_from <= t <= t_to:
+            per_time.setdefault(int(t // 5), 0.0)
+            per_time[int(t // 5)] += float(r.get("actor/tokens_per_s") or 0)
     return statistics.fmean(per_time.values()) if per_time else float("nan")
 
 

@@ -148,6 +148,12 @@ class CliRun:
         self._reader.join(10)
         return rc
 
+    def close(self) -> None:
+        """Teardown: kill the run if it is still going, and every process carrying its tag."""
+        if self.proc.poll() is None:
+            self.kill()
+        kill_tagged(self.tag)
+
     def kill(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -71,9 +71,7 @@ def e2e_run(tmp_path_factory):
         seconds = time.time() - t0
         left = wait_no_tagged(tag, 30)
     finally:
-        if run.proc.poll() is None:
-            run.kill()
-        kill_tagged(tag)
+        run.close()
     return {"run_dir": run_dir, "rc": rc, "out": run.output(), "dash": dash, "left": left, "seconds": seconds}
 
 

@@ -47,9 +47,7 @@ def stopped_run(tmp_path_factory):
         stop_s = time.time() - t_int
         left = wait_no_tagged(tag, 30)
     finally:
-        if run.proc.poll() is None:
-            run.kill()
-        kill_tagged(tag)
+        run.close()
     return {"run_dir": run_dir, "rc": rc, "out": run.output(), "left": left, "stop_s": stop_s, "tmp": tmp}
 
 
@@ -63,9 +61,7 @@ def resumed_run(stopped_run):
         rc = run.wait(600)
         left = wait_no_tagged(tag, 30)
     finally:
-        if run.proc.poll() is None:
-            run.kill()
-        kill_tagged(tag)
+        run.close()
     return {"run_dir": run_dir, "rc": rc, "out": run.output(), "left": left, "t0": t0}
 
 
