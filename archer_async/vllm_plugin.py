@@ -112,7 +112,8 @@ def _engine_classes():
             self.last_stats: dict[str, Any] = {}
 
         def init_transfer_engine(self, init_info: ArcherInitInfo) -> None:
-            from archer_async.weight_transfer import SyncInit, WeightReceiver
+            from archer_async.weight_receiver import WeightReceiver
+            from archer_async.weight_transfer import SyncInit
 
             pc = self.parallel_config
             # Workers of one actor (tensor/pipeline parallel) take consecutive ranks after its first.

@@ -1,7 +1,7 @@
 """Bucket layout of a weight update: how named tensors are laid out in one flat byte buffer, packed
 into it (whole, or one broadcast chunk at a time) and viewed back out of it on the receiving side.
 
-Pure tensor code with no communication; `archer_async.weight_transfer` sends what it lays out here.
+Pure tensor code with no communication; `archer_async.weight_sender` sends what it lays out here.
 A bucket header is {"names", "dtypes", "shapes", "offsets", "nbytes"}: every tensor starts at a
 multiple of ALIGN_BYTES; `nbytes` is the flat buffer's size (uint8 [nbytes]).
 """

@@ -120,7 +120,9 @@ async def update_times(eng, sender, path: str, updates: int, version0: int = 1) 
 def bare_transfer(path: str, updates: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
-    from archer_async.weight_transfer import WeightReceiver, WeightSender, make_sync_init
+    from archer_async.weight_receiver import WeightReceiver
+    from archer_async.weight_sender import WeightSender
+    from archer_async.weight_transfer import make_sync_init
 
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     named = [(n, p.detach()) for n, p in m.named_parameters()]
@@ -144,7 +146,8 @@ def bare_transfer(path: str, updates: int) -> list[float]:
 
 
 async def main(args) -> dict:
-    from archer_async.weight_transfer import WeightSender, make_sync_init
+    from archer_async.weight_sender import WeightSender
+    from archer_async.weight_transfer import make_sync_init
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-actor-"))
     res: dict = {"prompts": args.prompts, "new_tokens_per_prompt": args.tokens}

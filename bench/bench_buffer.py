@@ -7,7 +7,7 @@ Each group: `--samples` responses of `--tokens` tokens (random token ids and log
 all with the same producer processes and bytes, interleaved within each repetition:
   raw          pyzmq PUSH (one per producer) -> one PULL process; time until the last byte arrives
   raw+curve    the same with CurveZMQ on the sockets (authenticated encryption in libzmq's I/O threads)
-  buffer/nosync the buffer process (`python -m buffer`), every put MAC'd (keyed BLAKE3 over all bytes),
+  buffer/nosync the buffer process (`python -m buffer`), every put MAC'd (AES-256-GCM tag over all bytes),
                XXH3-checked log records, one ack message per producer per batch (buffer.fsync=false)
   buffer/fsync same with one fsync per batch before acknowledging (buffer.fsync=true, the default)
   buffer/fsync+verify same as fsync with buffer.verify_payload=true (server-side msgpack decode)
@@ -83,7 +83,8 @@ def raw_producer(addr, ids, head, tail, barrier, cpu, keys=None):
 
 def buffer_producer(run_dir, ids, head, tail, meta, barrier, window, cpu):
     from archer_async.buffer_client import BufferClient
-    c = BufferClient.from_run_dir(run_dir, client_id=f"bench-{os.getpid()}", max_pending=window)
+    kw = {"max_pending": window} if window else {}  # default: the client's own window, as actors use it
+    c = BufferClient.from_run_dir(run_dir, client_id=f"bench-{os.getpid()}", **kw)
     c.ping()
     barrier.wait()
     c0 = time.process_time()
@@ -172,7 +173,8 @@ def main() -> None:
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--window", type=int, default=32, help="unacknowledged puts per producer")
+    ap.add_argument("--window", type=int, default=0,
+                    help="unacknowledged puts per producer (default 0: BufferClient's default, what actors use)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--dir", default="", help="where the buffer's run dirs go (default: a temp dir)")
@@ -182,7 +184,7 @@ def main() -> None:
     base = Path(args.dir or tempfile.gettempdir())
     n, p = args.groups, args.producers
     print(f"{n} groups x {args.samples} samples x {args.tokens} tokens = {size} bytes/group, "
-          f"{p} producer processes, window {args.window}; load average {os.getloadavg()}", flush=True)
+          f"{p} producer processes, window {args.window or 'BufferClient default'}; load average {os.getloadavg()}", flush=True)
     rows: dict[str, list] = {}
     for rep in range(args.repeats):  # interleaved, so every mode sees the same machine load
         for mode in args.modes.split(","):

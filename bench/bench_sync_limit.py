@@ -45,7 +45,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archer_async.weight_transfer import WeightReceiver, WeightSender, free_port, make_sync_init  # noqa: E402
+from archer_async.weight_receiver import WeightReceiver  # noqa: E402
+from archer_async.weight_sender import WeightSender  # noqa: E402
+from archer_async.weight_transfer import free_port, make_sync_init  # noqa: E402
 
 
 def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:

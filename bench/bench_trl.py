@@ -1,7 +1,7 @@
 """archer-async vs TRL's GRPOTrainer on the same tiny workload, one after the other in one invocation.
 
     PYTHONPATH=. .venv/bin/python bench/bench_trl.py [--steps 10] [--warmup 2] [--rounds 1] \
-        [--trl-venv /tmp/trl-venv] [--setup]
+        [--trl-venv /tmp/trl-venv] [--setup] [--archer-variant "learner.num_ranks=1" ...]
 
 Workload (both sides): the embedded tiny model (archer_async/assets/tiny, fp32), the embedded task
 data as written by `archer-async make-data` (train.jsonl, chat prompts), 8 prompts x 8 samples per
@@ -12,7 +12,10 @@ the arithmetic, the bubblewrap sandbox for the programs), imported into the TRL 
 checkout via PYTHONPATH.
 
 - archer-async: `archer-async train` (async mode, the embedded tiny default config: 2 vLLM actors +
-  2-rank FSDP2 learner + buffer on the 2 cores), metrics.jsonl as in bench/bench_async.py.
+  2-rank FSDP2 learner + buffer on the 2 cores), metrics.jsonl as in bench/bench_async.py. Each
+  `--archer-variant` (space-separated dotted overrides of settings that leave the workload unchanged,
+  e.g. the learner's rank count) adds one more archer-async run per round, before TRL's; the
+  default configuration always runs first.
 - TRL: `GRPOTrainer` (single process, `--trl-threads` torch threads (default 1), generation with
   transformers `generate`: TRL's vLLM path needs a CUDA vLLM build) run by the TRL venv's Python
   with this file's `trl-worker` subcommand. Per step: wall time between `on_step_end` callbacks;
@@ -179,9 +182,15 @@ def main() -> None:
     ap.add_argument("--setup", action="store_true", help="create / update the TRL venv first")
     ap.add_argument("--trl-threads", type=int, default=1,
                     help="torch threads of the TRL process (1: on a shared, oversubscribed box 2 threads stall each other)")
+    ap.add_argument("--archer-variant", action="append", default=[],
+                    help="extra archer-async run per round with these space-separated overrides (repeatable)")
     ap.add_argument("--out", default="")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    for v in args.archer_variant:
+        bad = [o for o in v.split() if "=" not in o or o.split("=", 1)[0] in {w.split("=", 1)[0] for w in ARCHER_SAME_WORKLOAD}]
+        if bad:
+            ap.error(f"--archer-variant {v!r}: {bad} must be KEY=VALUE overrides outside the pinned workload")
     venv = Path(args.trl_venv)
     if args.setup or not (venv / "bin/python").exists():
         setup_trl_venv(venv)
@@ -192,18 +201,21 @@ def main() -> None:
         subprocess.run([str(ROOT / ".venv/bin/archer-async"), "make-data", str(data_dir)], check=True, cwd=ROOT)
     results = []
     for rnd in range(args.rounds):
-        rd = out / f"archer-r{rnd}"
-        a = run_archer("async", args.steps, rd, [f"data.train_files=[{data_dir / 'train.jsonl'}]",
-                                                f"data.eval_files=[{data_dir / 'eval.jsonl'}]", *ARCHER_SAME_WORKLOAD])
-        a.update(system="archer-async", round=rnd)
-        if a["rc"] == 0:
-            rows = read_rows(rd)
-            a.update(summarize(rows, args.warmup))
-            t0, t1 = float(rows[args.warmup]["time"]), float(rows[-1]["time"])
-            a["gen_tokens_per_s"] = archer_generated_tokens(rd, t0, t1)
-            a["trained_response_tokens_per_s"] = sum(float(r.get("tokens/valid", 0)) for r in rows[args.warmup + 1:]) / (t1 - t0)
-        results.append(a)
-        print(json.dumps(a), flush=True)
+        for vi, variant in enumerate(["", *args.archer_variant]):
+            rd = out / (f"archer-r{rnd}" + (f"-v{vi}" if vi else ""))
+            a = run_archer("async", args.steps, rd, [f"data.train_files=[{data_dir / 'train.jsonl'}]",
+                                                    f"data.eval_files=[{data_dir / 'eval.jsonl'}]",
+                                                    *ARCHER_SAME_WORKLOAD, *variant.split()])
+            a.update(system="archer-async" + (f" ({variant})" if variant else ""), round=rnd)
+            if a["rc"] == 0:
+                rows = read_rows(rd)
+                a.update(summarize(rows, args.warmup))
+                t0, t1 = float(rows[args.warmup]["time"]), float(rows[-1]["time"])
+                a["gen_tokens_per_s"] = archer_generated_tokens(rd, t0, t1)
+                a["trained_response_tokens_per_s"] = (sum(float(r.get("tokens/valid", 0)) for r in rows[args.warmup + 1:])
+                                                      / (t1 - t0))
+            results.append(a)
+            print(json.dumps(a), flush=True)
         t = run_trl(venv, args.steps, data_dir / "train.jsonl", out / f"trl-r{rnd}", args.trl_threads)
         t.update(system="TRL GRPOTrainer", round=rnd)
         if t["rc"] == 0 and t.get("step_times"):
@@ -222,9 +234,11 @@ def main() -> None:
               f"{r['reward_mean'] if r['reward_mean'] is None else round(r['reward_mean'], 3)} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     for rnd in range(args.rounds):
-        pair = [r for r in results if r["round"] == rnd and "step_wall_s" in r]
-        if len(pair) == 2:
-            print(f"round {rnd}: TRL s/step / archer-async s/step = {pair[1]['step_wall_s'] / pair[0]['step_wall_s']:.2f}x")
+        rows = [r for r in results if r["round"] == rnd and "step_wall_s" in r]
+        trl = [r for r in rows if r["system"] == "TRL GRPOTrainer"]
+        for r in rows:
+            if trl and r is not trl[0]:
+                print(f"round {rnd}: TRL s/step / {r['system']} s/step = {trl[0]['step_wall_s'] / r['step_wall_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

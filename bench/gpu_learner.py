@@ -80,7 +80,7 @@ def make_groups(n_samples: int, seq: int, prompt: int, vocab: int):
 
 def receiver(init: dict, version: int, out_q) -> None:
     """Stand-alone weight receiver on the host: receive one update, report bytes and seconds."""
-    from archer_async.weight_transfer import WeightReceiver
+    from archer_async.weight_receiver import WeightReceiver
 
     rx = WeightReceiver(init)
     rx.connect()

@@ -43,7 +43,7 @@ class LogCorruptError(UserError):
     """A sealed segment holds an invalid record (not a torn tail): the log needs a human."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     """Where a record lives: segment number, byte offset of its header, total bytes with header."""
 

@@ -31,7 +31,7 @@ import msgspec
 from archer_async.config import BufferConfig
 from archer_async.types import Reward
 from buffer.segment_log import LogCorruptError, SegmentLog
-from buffer.table import DropInfo, Entry, GroupMeta, Table
+from buffer.table import DropInfo, Entry, GroupMeta, Table, is_slim
 
 REC_GROUP, REC_DELIVER, REC_DROP, REC_REWIND, REC_VERSION = 1, 2, 3, 4, 5
 RECORD_NAMES = {REC_GROUP: "group", REC_DELIVER: "deliver", REC_DROP: "drop",
@@ -189,6 +189,7 @@ class BufferStore:
         self._unsynced = False
         for rtype, body, loc in self.log.replay():
             self._apply(rtype, body, loc)
+        self._restore_meta([e for e in self.table.live.values() if is_slim(e.meta)])  # live after a rewind
         self.table.commit(self.table.entries)
         if restore_state is not None:
             self.rewind(restore_state)
@@ -217,7 +218,7 @@ class BufferStore:
             else:
                 t.drop_stored(t.by_id[info.group_id], info.reason)
         elif rtype == REC_REWIND:
-            t.rewind(_MAP_DEC.decode(body)["state"])
+            t.rewind(_MAP_DEC.decode(body)["state"])  # metas of groups live again: restored after the replay
         elif rtype == REC_VERSION:
             t.version = _MAP_DEC.decode(body)["version"]
 
@@ -323,7 +324,15 @@ class BufferStore:
         """Rewind to a learner checkpoint's consumed_state (validated before anything is written)."""
         self.table.validate_state(state)
         self._append([(REC_REWIND, [_ENC.encode({"state": state})])])
-        self.table.rewind(state)
+        self._restore_meta(self.table.rewind(state))
+
+    def _restore_meta(self, entries: list[Entry]) -> None:
+        """Full metas of groups that are live again (finished groups keep a slim one in memory)."""
+        for e in entries:
+            rtype, body = self.log.read(e.loc)
+            if rtype != REC_GROUP:
+                raise LogCorruptError(f"record at {e.loc} is not a group")
+            e.meta = parse_group_record(body)[1]
 
     # ------------------------------------------------------------------ commit
     @property

@@ -75,7 +75,23 @@ def filter_reason(reward_statuses: list[str]) -> Optional[str]:
     return None
 
 
-@dataclass(eq=False)
+_NO_IDS: list = []
+"""The per-sample lists of every finished group's meta (shared, never mutated)."""
+
+
+def slim(meta: GroupMeta) -> GroupMeta:
+    """The meta of a finished (consumed or dropped) group without its per-sample lists, which are most
+    of its memory: a long run keeps one entry per group it ever stored (duplicate detection, rewind),
+    so only what those need stays in memory. The full meta is in the group's log record."""
+    return msgspec.structs.replace(meta, sample_ids=_NO_IDS, reward_statuses=_NO_IDS)
+
+
+def is_slim(meta: GroupMeta) -> bool:
+    """True for a meta cut down by `slim` (a stored group has at least one sample)."""
+    return not meta.sample_ids
+
+
+@dataclass(eq=False, slots=True)
 class Entry:
     """One stored group."""
 
@@ -207,6 +223,7 @@ class Table:
             return
         e.dropped = reason
         e.payload = None
+        e.meta = slim(e.meta)
         self.live.pop(e.seq, None)
         self._count_drop(reason)
         if reason == "stale":
@@ -230,6 +247,7 @@ class Table:
             if e.delivered >= self.max_reuse:
                 self.live.pop(e.seq, None)
                 e.payload = None
+                e.meta = slim(e.meta)
             out.append(e)
         self.counters["delivered"] += len(out)
         if request_id:
@@ -255,8 +273,9 @@ class Table:
                                    "hold past the cursor")
         return cursor, consumed, version
 
-    def rewind(self, state: dict) -> None:
-        """Return to a learner checkpoint's consumed_state: later deliveries are undone."""
+    def rewind(self, state: dict) -> list[Entry]:
+        """Return to a learner checkpoint's consumed_state: later deliveries are undone. Returns the
+        entries that are live again with a slim meta (the caller restores it from their log records)."""
         cursor, consumed, version = self.validate_state(state)
         for e in self.entries:
             if e.dropped is not None:
@@ -265,15 +284,18 @@ class Table:
                 e.delivered = self.max_reuse
                 self.live.pop(e.seq, None)
                 e.payload = None
+                e.meta = slim(e.meta)
             else:
                 e.delivered = consumed.get(e.meta.group_id, 0)
                 if e.delivered >= self.max_reuse:
                     self.live.pop(e.seq, None)
+                    e.meta = slim(e.meta)
                 else:
                     self.live[e.seq] = e
         self.version = version
         self.last_delivery.clear()
         self.counters["rewinds"] += 1
+        return [e for e in self.live.values() if is_slim(e.meta)]
 
     # ------------------------------------------------------------------ stats
     def depth_by_version(self) -> dict[int, int]:

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
@@ -233,18 +233,30 @@ class Run:
     def _check_generation(self) -> None:
         """Stop a training step that can never get data: every actor is dead or has stopped generating
         (dead actors are re-placed only at a weight sync, which waits for this step)."""
-        hosts = {f"actor{i}": a for i, a in enumerate(self.actors)}
-        dead = set(dead_roles(hosts))
-        stats: dict[str, Optional[dict]] = {}
-        for role, host in hosts.items():
-            if role not in dead:
-                try:
-                    stats[role] = wait(host.call.remote("stats"), 30, "stats", [role])
-                except StartupError:
-                    stats[role] = None  # a slow answer is not a stopped actor
-        why = no_generation_reason(dead, stats)
+        dead = set(dead_roles({f"actor{i}": a for i, a in enumerate(self.actors)}))
+        stats = self._actor_stats(30, skip={int(r[len("actor"):]) for r in dead})
+        why = no_generation_reason(dead, {f"actor{i}": st for i, st in stats.items()})
         if why:
             raise StartupError(why)
+
+    def _actor_stats(self, timeout_s: float, skip: Collection[int] = ()) -> dict[int, Optional[dict]]:
+        """Every actor's stats, asked of all at once: {index: stats, or None when it did not answer
+        within timeout_s (slow) or its process is gone}. A live actor that can no longer generate (e.g.
+        its vLLM engine died) is recorded in self.actor_errors: re-placed at the next weight sync."""
+        refs = {i: a.call.remote("stats") for i, a in enumerate(self.actors) if i not in skip}
+        deadline = time.time() + timeout_s
+        out: dict[int, Optional[dict]] = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = wait(ref, max(0.1, deadline - time.time()), "stats", [f"actor{i}"])
+            except StartupError as e:
+                log.warning("actor stats: %s", e)
+                out[i] = None
+                continue
+            why = _stopped_reason(out[i])
+            if why:
+                self.actor_errors[i] = why
+        return out
 
     def _core_roles(self) -> dict:
         """Roles whose death stops the run (the buffer and every learner rank; actors are re-placed)."""
@@ -281,7 +293,7 @@ class Run:
                         self._actor_call(i, "start", what="start of generation")
                 return {"seconds": time.time() - t0}
             if attempt == 0:  # aborted: every actor still serves its previous version; try once more
-                self._note_stopped_actors()  # an actor whose engine died is re-placed for the retry
+                self._actor_stats(30)  # records actors whose engine died: re-placed for the retry
                 why = "; ".join(died + failed) or res.get("error")
                 _console(f"weight sync to version {version} aborted ({why}); "
                          + ("re-placing and retrying" if died else "retrying once"))
@@ -289,16 +301,6 @@ class Run:
             why = "; ".join(failed + died) or res.get("error")
             raise StartupError(f"weight sync to version {version} failed: {why}")
         raise AssertionError("unreachable")
-
-    def _note_stopped_actors(self) -> None:
-        """Record live actors that can no longer generate (self.actor_errors): re-placed at the next sync."""
-        for i, a in enumerate(self.actors):
-            try:
-                why = _stopped_reason(wait(a.call.remote("stats"), 30, "stats", [f"actor{i}"]))
-            except StartupError:
-                continue  # dead (healed anyway) or slow (not stopped)
-            if why:
-                self.actor_errors[i] = why
 
     def _actor_call(self, i: int, method: str, *args, what: str) -> Any:
         """Call actor i; if its process died, log it and return None (it is re-placed, with the last
@@ -355,16 +357,7 @@ class Run:
         atomic_write_text(self.run_dir / "pids.json", json.dumps({"driver": os.getpid(), **pids}))
 
     def _actor_metrics(self) -> dict:
-        stats = []
-        for i, a in enumerate(self.actors):
-            try:
-                stats.append(wait(a.call.remote("stats"), 60, "stats", [f"actor{i}"]))
-            except StartupError as e:  # a dead actor is re-placed before the next weight sync
-                log.warning("actor metrics: %s", e)
-                continue
-            why = _stopped_reason(stats[-1])
-            if why:  # alive, but its generation stopped (e.g. its vLLM engine died)
-                self.actor_errors[i] = why
+        stats = [st for st in self._actor_stats(60).values() if st is not None]  # dead: re-placed at the next sync
         tps = sum(s.get("actor/tokens_per_s", 0.0) for s in stats)
         wfw = max((s.get("actor/wait_for_weights_s", 0.0) for s in stats), default=0.0)
         return {"actor/tokens_per_s": tps, "actor/wait_for_weights_s": wfw,

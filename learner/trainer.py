@@ -362,7 +362,7 @@ class Learner:
     def broadcast_weights(self, version: Optional[int] = None, sender_init: Any = None) -> dict[str, Any]:
         """Send the current full weights to the actors (collective; rank 0 sends).
 
-        `sender_init`: the rendezvous description of archer_async.weight_transfer.WeightSender, needed
+        `sender_init`: the rendezvous description of archer_async.weight_sender.WeightSender, needed
         on the first call (rank 0; ignored elsewhere); the connected sender is kept for later calls.
         Returns {"ok", "version", "seconds", "error"} identical on every rank. A failed send leaves
         the actors on their old version; the ranks still finish the gather in step.
@@ -374,7 +374,7 @@ class Learner:
         if self.rank == 0:
             try:
                 if self._sender is None:
-                    from archer_async.weight_transfer import WeightSender
+                    from archer_async.weight_sender import WeightSender
 
                     if sender_init is None:
                         raise UserError("broadcast_weights: the first call needs sender_init")

@@ -11,7 +11,8 @@ import torch
 from actors.engine import SampleParams, WeightUpdateError
 from actors.hf_backend import HFBackend, _top_p_mask
 from archer_async.config import ActorsConfig, SyncConfig
-from archer_async.weight_transfer import WeightSender, make_sync_init
+from archer_async.weight_sender import WeightSender
+from archer_async.weight_transfer import make_sync_init
 
 
 def _model():

@@ -96,7 +96,8 @@ def env(tmp_path_factory):
     from actors.rollout import RolloutActor
     from archer_async.buffer_client import BufferClient
     from archer_async.config import Config
-    from archer_async.weight_transfer import WeightSender, make_sync_init, receiver_rank
+    from archer_async.weight_sender import WeightSender
+    from archer_async.weight_transfer import make_sync_init, receiver_rank
 
     tmp = tmp_path_factory.mktemp("actors")
     model_path = tiny_model(tmp)

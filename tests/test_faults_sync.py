@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from archer_async.weight_transfer import WeightSender, WeightSyncError, make_sync_init
+from archer_async.weight_sender import WeightSender
+from archer_async.weight_transfer import WeightSyncError, make_sync_init
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def _weights(version: int) -> list[tuple[str, torch.Tensor]]:
 def _receiver(init: dict, versions: list[int], q, fault: str = "", fault_version: int = -1) -> None:
     """Receive `versions` in order; report ("ok"|"err", rank, version, detail). fault: "die" | "stall"
     after the first bucket of `fault_version`."""
-    from archer_async.weight_transfer import WeightReceiver
+    from archer_async.weight_receiver import WeightReceiver
 
     rx = WeightReceiver(init)
     rx.connect(timeout_s=180)  # the sender's store may come up later than this process

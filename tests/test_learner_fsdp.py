@@ -106,7 +106,8 @@ def _session_resume(rank, world, port, tmp):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run sessions A (2 ranks, with a stand-alone weight receiver in this process), B (2 ranks) and C (1 rank)."""
-    from archer_async.weight_transfer import WeightReceiver, make_sync_init, receiver_rank
+    from archer_async.weight_receiver import WeightReceiver
+    from archer_async.weight_transfer import make_sync_init, receiver_rank
 
     tmp = tmp_path_factory.mktemp("fsdp")
     make_model_dir(tmp / "model")

@@ -10,9 +10,10 @@ import weakref
 import pytest
 import torch
 
+from archer_async.weight_receiver import WeightReceiver
+from archer_async.weight_sender import WeightSender
 from archer_async.weight_transfer import (
-    SyncInit, WeightReceiver, WeightSender, WeightSyncError, make_sync_init, pack_bucket, receiver_rank,
-    unpack_bucket,
+    SyncInit, WeightSyncError, make_sync_init, pack_bucket, receiver_rank, unpack_bucket,
 )
 
 

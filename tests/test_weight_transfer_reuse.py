@@ -1,6 +1,7 @@
 """Weight transfer: gloo-group reuse across updates, a re-placed receiver process, failed-peer naming,
 and a consumer failure after the acknowledgement reaching the sender."""
 
+import dataclasses
 import multiprocessing as mp
 import os
 import re
@@ -10,7 +11,9 @@ import threading
 import pytest
 import torch
 
-from archer_async.weight_transfer import WeightReceiver, WeightSender, WeightSyncError, make_sync_init
+from archer_async.weight_receiver import WeightReceiver
+from archer_async.weight_sender import WeightSender
+from archer_async.weight_transfer import WeightSyncError, make_sync_init
 
 
 def _weights(version: int, n: int = 4) -> list[tuple[str, torch.Tensor]]:
@@ -119,13 +122,14 @@ def test_failed_update_error_names_the_failed_peer():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = make_sync_init(num_actors=2, timeout_s=10)
-    sender = WeightSender(init)
+    sender = WeightSender(init, timeout_s=180)  # spawned receivers import torch first: slow on a busy machine
     bad = ctx.Process(target=_proc_receiver, args=(init.for_rank(1).to_dict(), [1, 2], q, 2), daemon=True)
     good = ctx.Process(target=_proc_receiver, args=(init.for_rank(2).to_dict(), [1, 2], q), daemon=True)
     bad.start()
     good.start()
     try:
         sender.connect()
+        sender.init = dataclasses.replace(sender.init, timeout_s=10)  # updates: the short deadline under test
         assert len(_collect(q, 2, 180)) == 2
         sender.send(_weights(1), 1)
         assert sorted(e[:3] for e in _collect(q, 2, 60)) == [("ok", 1, 1), ("ok", 2, 1)]
