@@ -47,6 +47,7 @@ class WeightReceiver:
         self._group_id: Optional[str] = None
         self._consumer_error: Optional[str] = None  # consumer failure after an acknowledgement, for the sender
         self._prev_done: Optional[str] = None  # acknowledgement key of the last update (deleted at the next)
+        self._buf: Optional[torch.Tensor] = None  # CPU receive buffer, reused while nothing else holds it
         self.last_stats: dict = {}
 
     def connect(self, timeout_s: Optional[float] = None) -> None:
@@ -108,6 +109,21 @@ class WeightReceiver:
                 self._drop_group()
                 time.sleep(0.1)
 
+    def _receive_buffer(self, nbytes: int) -> torch.Tensor:
+        """uint8 [nbytes] to receive a bucket into. On CPU the previous buffer is reused when no tensor
+        a consumer took from it is still alive (its storage has no other user): a fresh allocation of a
+        few MB is fresh mmap'd memory, one page fault per 4 KB on first touch. Otherwise (a consumer
+        that keeps the tensors, a staged multi-bucket update, GPU) a new buffer."""
+        if self.device.type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        b = self._buf
+        # use count: self._buf plus the temporary storage object of this call
+        if b is not None and b.numel() >= nbytes and torch._C._storage_Use_Count(b.untyped_storage()._cdata) <= 2:
+            return b[:nbytes]
+        self._buf = None
+        self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf
+
     def _drop_group(self) -> None:
         self._pg = None
         self._group_id = None
@@ -158,7 +174,7 @@ class WeightReceiver:
                         self._group_id = group
                         stats["new_group"] = True
                 nbytes = header["nbytes"]
-                flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                flat = self._receive_buffer(nbytes)
                 if nbytes:
                     if self.init.backend == "gloo":
                         _gloo_broadcast_chunks(self._pg, chunk_bounds(nbytes, header.get("chunk", 0)),
@@ -213,4 +229,5 @@ class WeightReceiver:
     def close(self) -> None:
         """Forget the store client, the gloo group and the communicator."""
         self._drop_group()
+        self._buf = None
         _release(self)

@@ -190,3 +190,44 @@ def test_sync_init_from_config_resolves_backend_and_ranks():
     assert sync_init_from_config(gpu).backend == "nccl"
     with pytest.raises(ValueError):
         init.for_rank(4)
+
+
+def test_receive_buffer_is_reused_only_when_no_tensor_from_it_is_alive():
+    init = make_sync_init(num_actors=1, timeout_s=60)
+    sender = WeightSender(init)
+    box: dict = {}
+
+    def receiver():
+        try:
+            rx = WeightReceiver(init.for_rank(1))
+            rx.connect()
+            sum(t.numel() for _, t in rx.receive(1))  # tensors dropped as they are taken
+            box["buf1"] = rx._buf
+            held = list(rx.receive(2))  # held across the next update (a staging consumer)
+            box["buf2"] = rx._buf
+            box["held_before"] = [(n, t.clone()) for n, t in held]
+            box["got3"] = [(n, t.clone()) for n, t in rx.receive(3)]
+            box["buf3"] = rx._buf
+            box["held_after"] = held
+            rx.close()
+        except Exception as e:  # reported to the test thread
+            box["error"] = e
+
+    th = threading.Thread(target=receiver, daemon=True)
+    th.start()
+    sender.connect()
+    try:
+        for v in (1, 2, 3):
+            sender.send(_weights(seed=v), v)
+        th.join(60)
+    finally:
+        sender.close()
+    assert "error" not in box, box.get("error")
+    assert box["buf2"] is box["buf1"]  # nothing of update 1 was alive: the same buffer
+    assert box["buf3"] is not box["buf2"]  # update 2's tensors were alive: a fresh buffer for update 3
+    assert box["buf3"].data_ptr() != box["buf2"].data_ptr()
+    for (n, before), (m, after) in zip(box["held_before"], box["held_after"]):
+        assert n == m and torch.equal(before, after), n  # the held tensors were not overwritten
+    want3 = dict(_weights(seed=3))
+    for n, t in box["got3"]:
+        assert torch.equal(t, want3[n]), n
