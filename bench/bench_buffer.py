@@ -1,6 +1,6 @@
 """Buffer ingest throughput vs raw pyzmq PUSH/PULL of the same bytes, measured side by side.
 
-    .venv/bin/python bench/bench_buffer.py [--groups 1000] [--producers 2] [--repeats 5] [--samples 16] [--tokens 1000]
+    .venv/bin/python bench/bench_buffer.py [--groups 1000] [--producers 2] [--repeats 5] [--samples 16] [--tokens 1000] [--check-costs]
 
 Each group: `--samples` responses of `--tokens` tokens (random token ids and log-probs), encoded once
 (msgspec msgpack, ~230 KB for 16 x 1000); producers only patch the group id into the bytes. Modes,
@@ -167,6 +167,39 @@ def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, b
     return dt, disk, prod_cpu, server_cpu
 
 
+def check_costs(head: bytes, tail: bytes, n: int = 300, rounds: int = 5) -> dict:
+    """CPU ms per group of the per-byte checks (best of `rounds` passes over `n` distinct groups, more
+    than fit in the L2 caches): the wire MAC in use (AES-256-GCM tag, archer_async.wire.Signer), the
+    alternatives (HMAC-SHA256; keyed BLAKE3 when the blake3 package is installed) and the log's XXH3
+    record check."""
+    import hashlib
+    import hmac
+
+    import xxhash
+
+    from archer_async import wire
+    groups = [group_bytes(head, tail, k)[1] for k in range(n)]
+    signer, key = wire.Signer(os.urandom(32)), os.urandom(32)
+    fns = {"AES-256-GCM tag (Signer.pack)": lambda g: signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 1}, g),
+           "HMAC-SHA256": lambda g: hmac.digest(key, g, hashlib.sha256),
+           "XXH3-64 (log record check)": xxhash.xxh3_64_intdigest}
+    try:
+        import blake3
+        fns["keyed BLAKE3"] = lambda g: blake3.blake3(g, key=key).digest()
+    except ImportError:
+        pass
+    out = {}
+    for name, fn in fns.items():
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.thread_time()
+            for g in groups:
+                fn(g)
+            best = min(best, (time.thread_time() - t0) / n)
+        out[name] = 1e3 * best
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", type=int, default=1000)
@@ -178,8 +211,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--dir", default="", help="where the buffer's run dirs go (default: a temp dir)")
+    ap.add_argument("--check-costs", action="store_true", help="also print the CPU cost of the per-byte checks")
     args = ap.parse_args()
     head, tail, meta = template(args.samples, args.tokens)
+    if args.check_costs:
+        for name, ms in check_costs(head, tail).items():
+            print(f"  check cost: {name:32s} {ms:.4f} CPU ms/group", flush=True)
     size = len(head) + len(ID_TEMPLATE) + len(tail)
     base = Path(args.dir or tempfile.gettempdir())
     n, p = args.groups, args.producers
