@@ -4,8 +4,9 @@
 
 Starts `archer-async train` (total_steps large, so the time limit ends it), samples every `--every`
 seconds the RSS of each role's process tree (RUN_DIR/pids.json: driver, buffer, learner ranks, actors;
-an actor's tree includes its vLLM engine and reward workers) and the number of processes under the
-driver's session, then stops the run (SIGINT: the normal Ctrl-C path) and reports least-squares slopes
+an actor's tree includes its vLLM engine and reward workers), the same over the processes older than
+LONG_LIVED_S only (`long_rss_mib/`, `long_procs/`: without the sandbox's short-lived per-program
+processes), and the number of processes under the driver's session, then stops the run (SIGINT: the normal Ctrl-C path) and reports least-squares slopes
 (MiB per hour, processes per hour) over the second half of the samples (after warm-up). Writes the
 samples as CSV next to the JSON summary.
 """
@@ -26,22 +27,32 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(pid: int) -> tuple[float, int]:
-    """(RSS MiB of pid and its descendants, number of processes)."""
+LONG_LIVED_S = 120.0
+"""Processes at least this old count as long-lived: the sandbox's per-program processes (a few ms to
+seconds each) come and go between samples and only add noise to the role's RSS and process count."""
+
+
+def tree_rss(pid: int) -> tuple[float, int, float, int]:
+    """(RSS MiB of pid and its descendants, number of processes, the same two over the long-lived ones)."""
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
     except psutil.Error:
-        return 0.0, 0
-    total = 0
-    n = 0
+        return 0.0, 0, 0.0, 0
+    total = long_total = 0
+    n = n_long = 0
+    now = time.time()
     for q in procs:
         try:
-            total += q.memory_info().rss
-            n += 1
+            rss, age = q.memory_info().rss, now - q.create_time()
         except psutil.Error:
-            pass
-    return total / 2**20, n
+            continue
+        total += rss
+        n += 1
+        if age >= LONG_LIVED_S:
+            long_total += rss
+            n_long += 1
+    return total / 2**20, n, long_total / 2**20, n_long
 
 
 def session_processes(sid: int) -> int:
@@ -103,9 +114,11 @@ def main() -> int:
                     mib = psutil.Process(pid).memory_info().rss / 2**20 if psutil.pid_exists(pid) else 0.0
                     row["rss_mib/driver"] = round(mib, 1)
                 else:
-                    mib, n = tree_rss(int(pid))
+                    mib, n, mib_long, n_long = tree_rss(int(pid))
                     row[f"rss_mib/{role}"] = round(mib, 1)
                     row[f"procs/{role}"] = n
+                    row[f"long_rss_mib/{role}"] = round(mib_long, 1)
+                    row[f"long_procs/{role}"] = n_long
             try:
                 row["step"] = max(json.loads(l)["step"] for l in open(rd / "trained_ids.jsonl"))
             except (OSError, ValueError):
@@ -123,7 +136,8 @@ def main() -> int:
     # rows taken while every role was up (a run that stopped early leaves zeros behind)
     samples = [r for r in samples if all(v > 0 for k, v in r.items() if k.startswith("rss_mib/"))]
     half = samples[len(samples) // 2:]
-    keys = sorted({k for r in samples for k in r if k.startswith(("rss_mib/", "procs/")) or k == "processes"})
+    keys = sorted({k for r in samples for k in r
+                   if k.startswith(("rss_mib/", "procs/", "long_rss_mib/", "long_procs/")) or k == "processes"})
     summary = {
         "minutes": round((time.time() - t0) / 60, 1), "samples": len(samples), "every_s": a.every,
         "steps": samples[-1]["step"] if samples else 0, "exit_code": proc.returncode,
