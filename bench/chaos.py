@@ -55,7 +55,7 @@ def account(run_dir: str | os.PathLike, max_reuse: Optional[int] = None) -> dict
     from archer_async import trained_ids
     from archer_async.config import BufferConfig
     from buffer.segment_log import SegmentLog
-    from buffer.store import REC_DROP, BufferStore, _DROP_DEC
+    from buffer.store import REC_DROP, REC_GROUP, BufferStore, _DROP_DEC, parse_group_record
 
     rd = Path(run_dir)
     latest = (rd / "checkpoints" / "latest").read_text().strip()
@@ -69,8 +69,12 @@ def account(run_dir: str | os.PathLike, max_reuse: Optional[int] = None) -> dict
     store = BufferStore(log_dir, BufferConfig(max_reuse=max_reuse, filter_groups=False), 8, readonly=True)
     t = store.table
     ingest_drop_samples: dict[str, list[str]] = {}
+    group_samples: dict[str, list[str]] = {}  # from the GROUP records: the table keeps finished groups slim
     for rtype, body, _ in SegmentLog(log_dir, readonly=True).replay():
-        if rtype == REC_DROP:
+        if rtype == REC_GROUP:
+            meta = parse_group_record(body)[1]
+            group_samples[meta.group_id] = list(meta.sample_ids)
+        elif rtype == REC_DROP:
             info = _DROP_DEC.decode(body)
             if info.stage == "ingest":
                 ingest_drop_samples[info.group_id] = list(info.sample_ids)
@@ -86,7 +90,7 @@ def account(run_dir: str | os.PathLike, max_reuse: Optional[int] = None) -> dict
     out = Counter()
     lost_ids: list[str] = []
     for e in t.entries:
-        sids = e.meta.sample_ids
+        sids = group_samples[e.meta.group_id]
         out["groups_stored"] += 1
         out["samples_stored"] += len(sids)
         n_tr = trained_groups.get(e.meta.group_id, 0)

@@ -30,4 +30,5 @@ def test_kill_actor_engine_reward_worker_and_learner_rank_then_resume_loses_noth
     acc = res["accounting"]
     assert acc.get("samples_lost", 0) == 0
     assert acc["groups_acked_missing_from_log"] == 0 and acc["samples_trained_twice"] == 0
+    assert acc["samples_trained"] >= 10 * 8 and acc["samples_acknowledged"] > 0, acc  # counted, not vacuous
     assert acc["trained_steps"] == 10 and acc["ok"], acc
