@@ -233,10 +233,14 @@ class BufferStore:
         """Encoded TrajectoryGroup of a stored entry (from memory, else from its log record)."""
         if e.payload is not None:
             return e.payload
+        return bytes(self._group_record(e)[2])
+
+    def _group_record(self, e: Entry) -> tuple[int, GroupMeta, memoryview]:
+        """(seq, full meta, payload) of a stored entry, read from its log record."""
         rtype, body = self.log.read(e.loc)
         if rtype != REC_GROUP:
             raise LogCorruptError(f"record at {e.loc} is not a group")
-        return bytes(parse_group_record(body)[2])
+        return parse_group_record(body)
 
     # ------------------------------------------------------------------ live operations
     def ingest(self, items: list[tuple[GroupMeta, bytes]]) -> list[str]:
@@ -329,10 +333,7 @@ class BufferStore:
     def _restore_meta(self, entries: list[Entry]) -> None:
         """Full metas of groups that are live again (finished groups keep a slim one in memory)."""
         for e in entries:
-            rtype, body = self.log.read(e.loc)
-            if rtype != REC_GROUP:
-                raise LogCorruptError(f"record at {e.loc} is not a group")
-            e.meta = parse_group_record(body)[1]
+            e.meta = self._group_record(e)[1]
 
     # ------------------------------------------------------------------ commit
     @property
