@@ -6,10 +6,10 @@
 Workload (both sides): the embedded tiny model (archer_async/assets/tiny, fp32), the embedded task
 data as written by `archer-async make-data` (train.jsonl, chat prompts), 8 prompts x 8 samples per
 step (group size 8), at most 64 new tokens, temperature 1.0, top_p 1.0, lr 1e-4, one optimizer step
-per batch of 64 completions (micro-batches of 16), KL coefficient 0.001 against a frozen reference
-model, rewards from the project's own graders (`archer_async.rewards.RewardPool`: math-verify for
-the arithmetic, the bubblewrap sandbox for the programs), imported into the TRL venv from this
-checkout via PYTHONPATH.
+per batch of 64 completions (micro-batches of 16), every group trained (none filtered for equal
+rewards), KL coefficient 0.001 against a frozen reference model, rewards from the project's own
+graders (`archer_async.rewards.RewardPool`: math-verify for the arithmetic, the bubblewrap sandbox
+for the programs), imported into the TRL venv from this checkout via PYTHONPATH.
 
 - archer-async: `archer-async train` (async mode, the embedded tiny default config: 2 vLLM actors +
   2-rank FSDP2 learner + buffer on the 2 cores), metrics.jsonl as in bench/bench_async.py. Each
@@ -43,8 +43,10 @@ BATCH_PROMPTS, GROUP, MAX_NEW, MICRO = 8, 8, 64, 16
 ARCHER_SAME_WORKLOAD = [f"learner.batch_groups={BATCH_PROMPTS}", f"learner.mini_batch_groups={BATCH_PROMPTS}",
                         f"learner.micro_batch_size={MICRO}", "learner.lr=1e-4", "learner.ppo_epochs=1",
                         f"actors.samples_per_prompt={GROUP}", f"actors.max_response_length={MAX_NEW}",
-                        "actors.temperature=1.0", "actors.top_p=1.0"]
-"""archer-async settings pinned to TRL's side (the archer defaults may differ: e.g. 16 prompts per step)."""
+                        "actors.temperature=1.0", "actors.top_p=1.0", "buffer.filter_groups=false"]
+"""archer-async settings pinned to TRL's side (the archer defaults may differ: e.g. 16 prompts per step).
+buffer.filter_groups=false: GRPOTrainer trains every group, also those whose rewards are all equal,
+so archer-async does too; with its default filter it generates about 1.4x the groups per step."""
 
 
 # ------------------------------------------------------------------------------------------------

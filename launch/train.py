@@ -193,7 +193,7 @@ class Run:
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
                 wait(self.buffer.call.remote("set_version", version), 60, "set_version", ["buffer"])
-            row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
+            row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"], "sync/learner_s": sync.get("learner_s", 0.0), "sync/sender_s": sync.get("sender_s", 0.0),
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
             row.update(self._buffer_metrics())
@@ -279,6 +279,7 @@ class Run:
             arefs = [a.call.remote("update_weights", version) for a in self.actors]
             deadline = self.cfg.sync.timeout_s + 60
             res = self._wait_learners(lrefs, deadline, f"weight sync to version {version}")[0]
+            t_learn = time.time() - t0
             failed, died = [], []
             for i, ref in enumerate(arefs):
                 try:
@@ -291,7 +292,7 @@ class Run:
                 for i in fresh:
                     if self.generating:
                         self._actor_call(i, "start", what="start of generation")
-                return {"seconds": time.time() - t0}
+                return {"seconds": time.time() - t0, "learner_s": t_learn, "sender_s": res.get("seconds", 0.0)}
             if attempt == 0:  # aborted: every actor still serves its previous version; try once more
                 self._actor_stats(30)  # records actors whose engine died: re-placed for the retry
                 why = "; ".join(died + failed) or res.get("error")

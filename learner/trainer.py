@@ -93,7 +93,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.lcfg.lr,
             betas=tuple(self.lcfg.betas), weight_decay=self.lcfg.weight_decay,
-            foreach=self.device.type == "cuda",
+            foreach=True,  # on CPU too: bitwise equal to the per-tensor loop, 9.4 -> 4.3 ms per step (bench/bench_learner_ops.py)
         )
         mcfg = self.model.config
         self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_id or 0)
@@ -220,7 +220,7 @@ class Learner:
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, then AdamW step unless the gradient norm is not finite; returns (grad norm, applied)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.lcfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.lcfg.grad_clip, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         gn = float(norm)
