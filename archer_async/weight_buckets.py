@@ -19,7 +19,8 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 """gloo: a bucket is broadcast in pieces of at most this size, the next packed while the previous travels."""
 
 MIN_CHUNK_BYTES = 4 << 20
-"""gloo: smallest piece (below this the per-broadcast cost outweighs the packing it hides)."""
+"""gloo: smallest piece (below this the per-broadcast cost outweighs the packing it hides); a tensor
+at least this large travels in pieces of its own, uncopied (`chunk_bounds`)."""
 
 CHUNKS_PER_BUCKET = 8
 """gloo: a bucket is cut into about this many pieces (within MIN_CHUNK_BYTES..chunk_bytes)."""
@@ -68,13 +69,49 @@ def chunk_size(nbytes: int, max_chunk_bytes: int) -> int:
     return _align(max(min(MIN_CHUNK_BYTES, max_chunk_bytes), min(max_chunk_bytes, nbytes // CHUNKS_PER_BUCKET)))
 
 
-def chunk_bounds(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of the broadcasts of one bucket: fixed `chunk_bytes` pieces, the last shorter
-    (chunk_bytes <= 0: one piece). Sender and receivers derive them from the same header."""
+def _extents(header: dict) -> list[tuple[int, int]]:
+    """(byte offset, nbytes) of every tensor of a bucket header."""
+    out = []
+    for dt, shape, o in zip(header["dtypes"], header["shapes"], header["offsets"]):
+        numel = 1
+        for s in shape:
+            numel *= s
+        out.append((o, numel * getattr(torch, dt).itemsize))
+    return out
+
+
+def chunk_bounds(header: dict, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of the broadcasts of one bucket, in order; sender and receivers derive
+    them from the same header. chunk_bytes <= 0: one piece.
+
+    Ranges follow tensor boundaries: a tensor of at least min(MIN_CHUNK_BYTES, chunk_bytes) travels in
+    pieces of its own (at most chunk_bytes each), which the sender sends from the tensor itself,
+    uncopied; consecutive smaller tensors are packed together, at most chunk_bytes per piece (one
+    tensor alone may exceed it). The alignment padding after a tensor sent alone is not sent (no
+    tensor lives there)."""
+    nbytes = header["nbytes"]
     if nbytes <= 0:
         return []
-    step = chunk_bytes if chunk_bytes > 0 else nbytes
-    return [(s, min(s + step, nbytes)) for s in range(0, nbytes, step)]
+    if chunk_bytes <= 0:
+        return [(0, nbytes)]
+    alone = min(MIN_CHUNK_BYTES, chunk_bytes)
+    out: list[tuple[int, int]] = []
+    run: Optional[int] = None  # start of the current run of small tensors
+    for o, n in _extents(header):
+        if n >= alone:
+            if run is not None:
+                out.append((run, o))
+                run = None
+            out.extend((s, min(s + chunk_bytes, o + n)) for s in range(o, o + n, chunk_bytes))
+            continue
+        if run is not None and o + n - run > chunk_bytes:
+            out.append((run, o))
+            run = None
+        if run is None:
+            run = o
+    if run is not None:
+        out.append((run, nbytes))
+    return out
 
 
 class _ChunkPacker:

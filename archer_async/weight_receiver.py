@@ -177,7 +177,7 @@ class WeightReceiver:
                 flat = self._receive_buffer(nbytes)
                 if nbytes:
                     if self.init.backend == "gloo":
-                        _gloo_broadcast_chunks(self._pg, chunk_bounds(nbytes, header.get("chunk", 0)),
+                        _gloo_broadcast_chunks(self._pg, chunk_bounds(header, header.get("chunk", 0)),
                                                lambda s, e: flat[s:e], deadline)
                     else:
                         _nccl_broadcast(self._nccl, flat)

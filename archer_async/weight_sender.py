@@ -264,7 +264,7 @@ class WeightSender:
         if nbytes and gloo:
             buf = self._buffer(nbytes) if self.device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8)
             packer = _ChunkPacker(_byte_sources(bucket, header["offsets"]), buf)
-            bounds = chunk_bounds(nbytes, header["chunk"])
+            bounds = chunk_bounds(header, header["chunk"])
         if k == 0:  # announced before packing: the receivers wake up while the sender packs
             self._announce(nonce, version, header, deadline, stats, keys,
                            while_waiting=(lambda: early.setdefault(0, packer.chunk(*bounds[0]))) if packer else None)

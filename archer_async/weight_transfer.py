@@ -34,8 +34,9 @@ One update, version v (key names under the store's prefix):
              "latest" for the receivers' error messages and pack chunk 0 meanwhile)
              set go/<req> for every request + "latest", one multi_set = {nonce, header of bucket 0, gloo group}
                                                            ->  receivers: wake on go/<req>
-             broadcast bucket 0 in chunks (gloo: `chunk_size`, <= 2 in flight, chunk k+1 packed while
-             chunk k travels; a chunk inside one contiguous CPU tensor is sent from it, uncopied)
+             broadcast bucket 0 in chunks (gloo: `chunk_bounds`, <= 2 in flight, chunk k+1 packed while
+             chunk k travels; chunks follow tensor boundaries, and a tensor of >= 4 MB travels in
+             pieces of its own, sent from its memory uncopied)
                                                            ->  receive the chunks into one flat buffer
              for bucket k >= 1: set <nonce>/b<k> = header, broadcast  ->  wait <nonce>/b<k>, receive, yield
              wait <nonce>/done/r for all r  <-  set <nonce>/done/r = "ok" | error text

@@ -62,6 +62,64 @@ def test_pack_unpack_roundtrip_keeps_dtype_shape_and_values():
         assert torch.equal(t, u)
 
 
+def _mixed(seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Small tensors around tensors of 1-3 KB (sent alone when chunks are 1 KB)."""
+    g = torch.Generator().manual_seed(seed)
+    return [("a", torch.randn(3, generator=g)), ("big1", torch.randn(700, generator=g)),
+            ("b", torch.randn(5, generator=g).half()), ("c", torch.randn(2, 2, generator=g)),
+            ("big2", torch.randn(16, 40, generator=g).to(torch.bfloat16)), ("d", torch.randn(200, generator=g)),
+            ("e", torch.randn(100, generator=g)), ("empty", torch.empty(0))]
+
+
+def test_chunk_bounds_follow_tensors_and_big_tensors_go_uncopied():
+    from archer_async.weight_buckets import _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds
+
+    ws = _mixed(0)
+    header = bucket_layout(ws)
+    bounds = chunk_bounds(header, 1024)
+    assert all(s < e for s, e in bounds) and all(e <= s2 for (_, e), (s2, _) in zip(bounds, bounds[1:]))
+    sizes = {n: t.numel() * t.element_size() for n, t in ws}
+    offs = dict(zip(header["names"], header["offsets"]))
+    bigs = [(offs[name], sizes[name]) for name in ("big1", "big2")]  # 2,800 and 1,280 bytes
+    for o, n in bigs:  # pieces of at most 1 KB inside the tensor
+        assert [(s, e) for s, e in bounds if o <= s < o + n] == [(s, min(s + 1024, o + n)) for s in range(o, o + n, 1024)]
+    for name, n in sizes.items():  # every byte of every tensor is in exactly one range
+        o = offs[name]
+        assert all(sum(s <= b < e for s, e in bounds) == 1 for b in range(o, o + n))
+    assert all(e - s <= 1024 for s, e in bounds)
+    flat = torch.zeros(header["nbytes"], dtype=torch.uint8)
+    packer = _ChunkPacker(_byte_sources(ws, header["offsets"]), flat)
+    srcs = {o: v for o, _, v in _byte_sources(ws, header["offsets"])}
+    for s, e in bounds:
+        piece = packer.chunk(s, e)
+        inside = [o for o, n in bigs if o <= s < o + n]
+        if inside:  # a view of the tensor's own bytes, not of the pack buffer
+            assert piece.data_ptr() == srcs[inside[0]].data_ptr() + (s - inside[0])
+        else:
+            assert piece.data_ptr() == flat.data_ptr() + s
+        flat[s:e].copy_(piece)
+    for (n, t), (m, u) in zip(ws, unpack_bucket(header, flat)):
+        assert n == m and torch.equal(t, u)
+    assert chunk_bounds(header, 0) == [(0, header["nbytes"])]
+
+
+def test_small_chunks_with_big_tensors_arrive_bit_identical():
+    init = make_sync_init(num_actors=1, timeout_s=20)
+    sender = WeightSender(init, chunk_bytes=1024)
+    outs, threads = _start(init, [receiver_rank(0)], [1, 2])
+    sender.connect()
+    sender.send(_mixed(1), version=1)
+    sender.send(_mixed(2), version=2, bucket_bytes=4000)
+    for th in threads:
+        th.join(20)
+    assert "error" not in outs[0], outs[0].get("error")
+    for got, seed in zip(outs[0]["got"], (1, 2)):
+        want = _mixed(seed)
+        assert [n for n, _ in got] == [n for n, _ in want]
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+    sender.close()
+
+
 def test_two_receivers_two_versions_multi_bucket():
     init = make_sync_init(num_actors=2, timeout_s=20)
     sender = WeightSender(init)
