@@ -6,6 +6,8 @@ Each group: `--samples` responses of `--tokens` tokens (random token ids and log
 (msgspec msgpack, ~230 KB for 16 x 1000); producers only patch the group id into the bytes. Modes,
 all with the same producer processes and bytes, interleaved within each repetition:
   raw          pyzmq PUSH (one per producer) -> one PULL process; time until the last byte arrives
+  raw+hold     raw, but the PULL side keeps every message until the end, as the buffer keeps the payloads
+               of stored groups (no consumer in this benchmark): every message lands in fresh memory
   raw+curve    the same with CurveZMQ on the sockets (authenticated encryption in libzmq's I/O threads)
   buffer/nosync the buffer process (`python -m buffer`), every put MAC'd (AES-256-GCM tag over all bytes),
                XXH3-checked log records, one ack message per producer per batch (buffer.fsync=false)
@@ -97,14 +99,14 @@ def buffer_producer(run_dir, ids, head, tail, meta, barrier, window, cpu):
     c.close()
 
 
-MODES = ("raw", "raw+curve", "buffer/nosync", "buffer/fsync", "buffer/fsync+verify")
+MODES = ("raw", "raw+hold", "raw+curve", "buffer/nosync", "buffer/fsync", "buffer/fsync+verify")
 
 
 def split(n, p):
     return [list(range(i, n, p)) for i in range(p)]
 
 
-def run_raw(n, p, head, tail, curve: bool = False) -> tuple[float, float, float]:
+def run_raw(n, p, head, tail, curve: bool = False, hold: bool = False) -> tuple[float, float, float]:
     """(seconds, producers' CPU seconds, receiver's CPU seconds)."""
     import zmq
     ctx = zmq.Context()
@@ -124,10 +126,13 @@ def run_raw(n, p, head, tail, curve: bool = False) -> tuple[float, float, float]
         pr.start()
     barrier.wait()
     t0, c0 = time.perf_counter(), proc_cpu_s(os.getpid())
-    nbytes = 0
+    kept = []
     for _ in range(n):
-        nbytes += len(pull.recv(copy=False))
+        m = pull.recv(copy=False)
+        if hold:
+            kept.append(m)
     dt, recv_cpu = time.perf_counter() - t0, proc_cpu_s(os.getpid()) - c0
+    del kept
     prod_cpu = sum(cpu.get() for _ in procs)
     for pr in procs:
         pr.join()
@@ -226,7 +231,7 @@ def main() -> None:
     for rep in range(args.repeats):  # interleaved, so every mode sees the same machine load
         for mode in args.modes.split(","):
             if mode.startswith("raw"):
-                dt, pc, rc = run_raw(n, p, head, tail, curve=mode == "raw+curve")
+                dt, pc, rc = run_raw(n, p, head, tail, curve=mode == "raw+curve", hold=mode == "raw+hold")
                 disk = 0
             else:
                 dt, disk, pc, rc = run_buffer(n, p, head, tail, meta, "nosync" not in mode, "verify" in mode,

@@ -206,6 +206,13 @@ def test_keep_mode_update_loads_learner_weights_and_labels_tokens(env):
 
 
 def test_abort_mode_update_resubmits_prefix_under_new_weights(env):
+    # the abort must catch responses in flight: the actor may be idle when admission is closed
+    deadline = time.monotonic() + 60
+    while env["actor"].stats()["actor/in_flight"] == 0:
+        assert time.monotonic() < deadline, "the actor started no request within 60 s"
+        if env["learner"].stats()["ready"] >= 1:
+            take(env, 1, version=1)  # consume: opens admission headroom
+        time.sleep(0.02)
     r = update(env, 2, "abort")
     assert r["mode"] == "abort" and r["version"] == 2
     groups = []
