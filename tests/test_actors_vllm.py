@@ -206,17 +206,21 @@ def test_keep_mode_update_loads_learner_weights_and_labels_tokens(env):
 
 
 def test_abort_mode_update_resubmits_prefix_under_new_weights(env):
-    # the abort must catch responses in flight: the actor may be idle when admission is closed
+    # the abort must catch responses part-way: the actor may be idle when admission is closed, and a
+    # response aborted before its first token is simply generated again under the new weights
     deadline = time.monotonic() + 60
     while env["actor"].stats()["actor/in_flight"] == 0:
         assert time.monotonic() < deadline, "the actor started no request within 60 s"
         if env["learner"].stats()["ready"] >= 1:
             take(env, 1, version=1)  # consume: opens admission headroom
         time.sleep(0.02)
+    time.sleep(0.1)  # let the responses in flight produce some of their up to 24 tokens
     r = update(env, 2, "abort")
     assert r["mode"] == "abort" and r["version"] == 2
+    # oldest first: the groups stored before the update come out first, then those it interrupted
+    backlog = env["learner"].stats()["ready"]
     groups = []
-    for _ in range(4):
+    while len(groups) < backlog + 12:
         groups += take(env, 4, version=2)
         if any(set(s.token_versions) == {1, 2} for g in groups for s in g.samples):
             break
