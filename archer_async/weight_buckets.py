@@ -159,12 +159,5 @@ def pack_bucket(tensors: list[tuple[str, torch.Tensor]], device: torch.device,
 
 def unpack_bucket(header: dict, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """Inverse of pack_bucket: views into `flat` (no copy), one per tensor, with its dtype and shape."""
-    out = []
-    for name, dt, shape, o in zip(header["names"], header["dtypes"], header["shapes"], header["offsets"]):
-        dtype = getattr(torch, dt)
-        numel = 1
-        for s in shape:
-            numel *= s
-        n = numel * dtype.itemsize
-        out.append((name, flat[o:o + n].view(dtype).view(shape)))
-    return out
+    return [(name, flat[o:o + n].view(getattr(torch, dt)).view(shape))
+            for name, dt, shape, (o, n) in zip(header["names"], header["dtypes"], header["shapes"], _extents(header))]

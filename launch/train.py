@@ -193,7 +193,8 @@ class Run:
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
                 wait(self.buffer.call.remote("set_version", version), 60, "set_version", ["buffer"])
-            row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"], "sync/learner_s": sync.get("learner_s", 0.0), "sync/sender_s": sync.get("sender_s", 0.0),
+            row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
+                   "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
             row.update(self._buffer_metrics())

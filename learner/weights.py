@@ -70,8 +70,9 @@ def _dim0_sharded(p: torch.Tensor) -> bool:
             and p.placements[0] == Shard(0) and p.dim() >= 1)
 
 
-def gather_bucket(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Full tensors [global shape] of `dtype` of dim-0 sharded DTensors on one 1-D mesh: ONE all-gather.
+def gather_bucket(params: list[torch.Tensor], dtype: torch.dtype, assemble: bool = True) -> list[torch.Tensor]:
+    """Full tensors [global shape] of `dtype` of dim-0 sharded DTensors on one 1-D mesh: ONE all-gather
+    (a collective: every rank calls it; `assemble=False`: take part only, return []).
 
     Shard layout (FSDP2 / DTensor `Shard(0)`, torch.chunk semantics): with c = ceil(n / W) rows per
     chunk, rank r holds rows [r*c, min((r+1)*c, n)) (possibly none). Every rank writes its shards,
@@ -95,7 +96,9 @@ def gather_bucket(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.
         local = p.to_local().detach().reshape(-1)
         send[off:off + local.numel()].copy_(local)
     recv = torch.empty(world * per_rank, dtype=dtype, device=send.device)
-    dist.all_gather_into_tensor(recv, send, group=group)
+    dist.all_gather_single(recv, send, group=group)
+    if not assemble:
+        return []
     out = []
     for p, (off, rows, row) in zip(params, layout):
         n = p.shape[0]
@@ -123,7 +126,7 @@ def iter_full_weights(
         ps = [named[i][1] for i in bucket]
         mesh = ps[0].device_mesh if isinstance(ps[0], DTensor) else None
         if mesh is not None and mesh.size() > 1 and all(_dim0_sharded(p) and p.device_mesh == mesh for p in ps):
-            fulls = gather_bucket(ps, dtype)
+            fulls = gather_bucket(ps, dtype, assemble=rank == 0)
         else:  # one rank (nothing to gather: no copies) or other layouts: one gather per parameter
             fulls = [_full(p, dtype) for p in ps]
         if rank != 0:
