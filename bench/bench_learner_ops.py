@@ -93,6 +93,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
                 f"  step {step_ms / args.iters:6.2f} ms", flush=True)
         same = all(torch.equal(a, b) for a, b in zip(final[False], final[True]))
         say(f"rep {rep} AdamW foreach and per-tensor weights bitwise equal: {same}", flush=True)
+    dist.barrier()
     dist.destroy_process_group()
 
 

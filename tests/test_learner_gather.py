@@ -43,6 +43,7 @@ def _compare(rank, world, port, out_dir):
         report["iter_equal"] = all(torch.equal(t, f) for (_, t), f in zip(got, single))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
+        dist.barrier()  # as Learner.close: no rank tears its group down while a peer still uses it
         dist.destroy_process_group()
 
 
