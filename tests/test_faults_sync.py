@@ -14,6 +14,7 @@ import torch
 
 from archer_async.weight_sender import WeightSender
 from archer_async.weight_transfer import WeightSyncError, make_sync_init
+from tests.proc_events import ProcEvents
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def _receiver(init: dict, versions: list[int], q, fault: str = "", fault_version
 
     rx = WeightReceiver(init)
     rx.connect(timeout_s=180)  # the sender's store may come up later than this process
-    q.put(("hello", init["rank"], -1, ""))
+    q.send(("hello", init["rank"], -1, ""))
     for v in versions:
         try:
             got = []
@@ -42,13 +43,13 @@ def _receiver(init: dict, versions: list[int], q, fault: str = "", fault_version
                         os.kill(os.getpid(), signal.SIGKILL)
                     if fault == "stall":
                         time.sleep(600)
-            q.put(("ok", init["rank"], v, got))
+            q.send(("ok", init["rank"], v, got))
         except WeightSyncError as e:
-            q.put(("err", init["rank"], v, str(e)))
+            q.send(("err", init["rank"], v, str(e)))
 
 
-def _start(ctx, init, rank, versions, q, fault="", fault_version=-1):
-    p = ctx.Process(target=_receiver, args=(init.for_rank(rank).to_dict(), versions, q, fault, fault_version),
+def _start(ctx, init, rank, versions, q: ProcEvents, fault="", fault_version=-1):
+    p = ctx.Process(target=_receiver, args=(init.for_rank(rank).to_dict(), versions, q.channel(), fault, fault_version),
                     daemon=True)
     p.start()
     return p
@@ -65,36 +66,26 @@ def _connect(sender: WeightSender, tries: int = 15) -> None:
                 raise
 
 
-def _collect(q, n: int, timeout: float) -> list:
-    out, end = [], time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < end:
-        try:
-            out.append(q.get(timeout=max(0.1, end - time.monotonic())))
-        except Exception:
-            break
-    return out
-
-
 @pytest.mark.parametrize("fault", ["die", "stall"])
 def test_receiver_fault_mid_update_aborts_in_deadline_and_replacement_joins(fault):
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    q = ProcEvents(ctx)
     init = make_sync_init(num_actors=2, timeout_s=DEADLINE_S)
     sender = WeightSender(init)
     bad = _start(ctx, init, 1, [1, 2], q, fault, fault_version=2)
     good = _start(ctx, init, 2, [1, 2, 3], q)
     try:
         _connect(sender)
-        assert len(_collect(q, 2, 120)) == 2  # both said hello (spawned interpreters import torch)
+        assert len(q.collect(2, 120)) == 2  # both said hello (spawned interpreters import torch)
         sender.send(_weights(1), 1, bucket_bytes=20_000)
-        oks = _collect(q, 2, 60)
+        oks = q.collect(2, 60)
         assert sorted((k, r, v) for k, r, v, _ in oks) == [("ok", 1, 1), ("ok", 2, 1)]
 
         t0 = time.monotonic()
         with pytest.raises(WeightSyncError):
             sender.send(_weights(2), 2, bucket_bytes=20_000)
         assert time.monotonic() - t0 < DEADLINE_S + 10  # aborted within its deadline
-        ev = _collect(q, 1, 60)
+        ev = q.collect(1, 60)
         assert ev and ev[0][:3] == ("err", 2, 2), ev  # the survivor keeps version 1 (its receive raised)
         if fault == "die":
             bad.join(10)
@@ -105,9 +96,9 @@ def test_receiver_fault_mid_update_aborts_in_deadline_and_replacement_joins(faul
 
         # a replacement receiver with the same rank joins the next update
         repl = _start(ctx, init, 1, [3], q)  # (it joins at the next update; no new connect() on the sender)
-        assert _collect(q, 1, 120)[0][0] == "hello"
+        assert q.collect(1, 120)[0][0] == "hello"
         sender.send(_weights(3), 3, bucket_bytes=20_000)
-        oks = _collect(q, 2, 60)
+        oks = q.collect(2, 60)
         assert sorted((k, r, v) for k, r, v, _ in oks) == [("ok", 1, 3), ("ok", 2, 3)]
         assert all(got == [30.0 + i for i in range(6)] for _, _, _, got in oks)
         repl.join(30)

@@ -14,6 +14,7 @@ import torch
 from archer_async.weight_receiver import WeightReceiver
 from archer_async.weight_sender import WeightSender
 from archer_async.weight_transfer import WeightSyncError, make_sync_init
+from tests.proc_events import ProcEvents
 
 
 def _weights(version: int, n: int = 4) -> list[tuple[str, torch.Tensor]]:
@@ -39,11 +40,11 @@ def _thread_receiver(init, versions, out: dict) -> threading.Thread:
 
 
 def _proc_receiver(init: dict, versions: list[int], q, die_in: int = -1) -> None:
-    """A receiver process: reports ("ok"|"err", rank, version, first values or error, new_group);
-    SIGKILLs itself after the first tensor of version `die_in`."""
+    """A receiver process: reports ("ok"|"err", rank, version, first values or error, new_group) on its
+    pipe `q` (`ProcEvents.channel`); SIGKILLs itself after the first tensor of version `die_in`."""
     rx = WeightReceiver(init)
     rx.connect(timeout_s=180)
-    q.put(("hello", init["rank"], -1, None, None))
+    q.send(("hello", init["rank"], -1, None, None))
     for v in versions:
         try:
             got = []
@@ -51,13 +52,17 @@ def _proc_receiver(init: dict, versions: list[int], q, die_in: int = -1) -> None
                 got.append(float(t.flatten()[0]))
                 if v == die_in:
                     os.kill(os.getpid(), signal.SIGKILL)
-            q.put(("ok", init["rank"], v, got, rx.last_stats["new_group"]))
+            q.send(("ok", init["rank"], v, got, rx.last_stats["new_group"]))
         except WeightSyncError as e:
-            q.put(("err", init["rank"], v, str(e), None))
+            q.send(("err", init["rank"], v, str(e), None))
 
 
-def _collect(q, n: int, timeout: float) -> list:
-    return [q.get(timeout=timeout) for _ in range(n)]
+def _start_receiver(ctx, init, rank: int, versions: list[int], events: ProcEvents, die_in: int = -1):
+    """`_proc_receiver` of `rank` in a spawned process, reporting on its own pipe of `events`."""
+    p = ctx.Process(target=_proc_receiver, args=(init.for_rank(rank).to_dict(), versions, events.channel(), die_in),
+                    daemon=True)
+    p.start()
+    return p
 
 
 def test_second_update_on_unchanged_membership_reuses_the_group():
@@ -85,28 +90,25 @@ def test_replaced_receiver_process_gets_the_next_update_on_a_fresh_group():
     """The actor of rank 1 dies between two successful updates; a new process with the same rank joins
     the next one (a fresh group: the old one still has the dead process in it)."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    events = ProcEvents(ctx)
     init = make_sync_init(num_actors=2, timeout_s=120)  # generous: a loaded CI machine
     sender = WeightSender(init)
-    old = ctx.Process(target=_proc_receiver, args=(init.for_rank(1).to_dict(), [1, 2], q), daemon=True)
-    other = ctx.Process(target=_proc_receiver, args=(init.for_rank(2).to_dict(), [1, 2, 3], q), daemon=True)
-    old.start()
-    other.start()
+    old = _start_receiver(ctx, init, 1, [1, 2], events)
+    other = _start_receiver(ctx, init, 2, [1, 2, 3], events)
     repl = None
     try:
         sender.connect()
-        assert len(_collect(q, 2, 180)) == 2  # hello from both
+        assert len(events.collect(2, 180)) == 2  # hello from both
         for v in (1, 2):
             s = sender.send(_weights(v), v)
-            assert [e[:3] for e in sorted(_collect(q, 2, 180))] == [("ok", 1, v), ("ok", 2, v)]
+            assert [e[:3] for e in sorted(events.collect(2, 180))] == [("ok", 1, v), ("ok", 2, v)]
         assert s["new_group"] is False  # update 2 reused the group of update 1
         old.kill()  # the actor process is lost between two successful updates
         old.join(30)
-        repl = ctx.Process(target=_proc_receiver, args=(init.for_rank(1).to_dict(), [3], q), daemon=True)
-        repl.start()
-        assert _collect(q, 1, 180)[0][0] == "hello"
+        repl = _start_receiver(ctx, init, 1, [3], events)
+        assert events.collect(1, 180)[0][0] == "hello"
         s3 = sender.send(_weights(3), 3)
-        evs = sorted(_collect(q, 2, 180))
+        evs = sorted(events.collect(2, 180))
         assert [e[:3] for e in evs] == [("ok", 1, 3), ("ok", 2, 3)]
         assert all(e[3] == [30.0 + i for i in range(4)] and e[4] is True for e in evs)  # fresh group on both
         assert s3["new_group"] is True
@@ -120,24 +122,22 @@ def test_replaced_receiver_process_gets_the_next_update_on_a_fresh_group():
 @pytest.mark.integration
 def test_failed_update_error_names_the_failed_peer():
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    events = ProcEvents(ctx)
     init = make_sync_init(num_actors=2, timeout_s=10)
     sender = WeightSender(init, timeout_s=180)  # spawned receivers import torch first: slow on a busy machine
-    bad = ctx.Process(target=_proc_receiver, args=(init.for_rank(1).to_dict(), [1, 2], q, 2), daemon=True)
-    good = ctx.Process(target=_proc_receiver, args=(init.for_rank(2).to_dict(), [1, 2], q), daemon=True)
-    bad.start()
-    good.start()
+    bad = _start_receiver(ctx, init, 1, [1, 2], events, die_in=2)
+    good = _start_receiver(ctx, init, 2, [1, 2], events)
     try:
         sender.connect()
         sender.init = dataclasses.replace(sender.init, timeout_s=10)  # updates: the short deadline under test
-        assert len(_collect(q, 2, 180)) == 2
+        assert len(events.collect(2, 180)) == 2
         sender.send(_weights(1), 1)
-        assert sorted(e[:3] for e in _collect(q, 2, 60)) == [("ok", 1, 1), ("ok", 2, 1)]
+        assert sorted(e[:3] for e in events.collect(2, 60)) == [("ok", 1, 1), ("ok", 2, 1)]
         with pytest.raises(WeightSyncError) as info:
             sender.send(_weights(2, n=8), 2, bucket_bytes=5000)  # rank 1 dies after its first tensor
         msg = str(info.value)
         assert re.search(r"did not answer \(dead or stalled\): \[1\]|receivers \[1\] did not acknowledge", msg), msg
-        ev = _collect(q, 1, 60)[0]
+        ev = events.collect(1, 60)[0]
         assert ev[:3] == ("err", 2, 2)  # the survivor's receive raised: it keeps version 1
     finally:
         sender.close()
