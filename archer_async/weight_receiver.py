@@ -181,14 +181,15 @@ class WeightReceiver:
                                                lambda s, e: flat[s:e], deadline)
                     else:
                         _nccl_broadcast(self._nccl, flat)
+                if header["last"]:  # every byte is here: the sender may go on while the tensors are unpacked
+                    ctl.set(f"{nonce}/done/{rank}", "ok")
+                    acked = True
+                    stats["ack_s"] = time.monotonic() - t0
                 tensors = unpack_bucket(header, flat)
                 stats["bytes"] += nbytes
                 stats["num_tensors"] += len(tensors)
                 stats["num_buckets"] += 1
                 if header["last"]:
-                    ctl.set(f"{nonce}/done/{rank}", "ok")
-                    acked = True
-                    stats["ack_s"] = time.monotonic() - t0
                     taken, total = 0, len(tensors)
                 for item in tensors:
                     taken += 1

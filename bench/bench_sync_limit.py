@@ -8,16 +8,21 @@ order rotates by one every repetition, B C D A, C D A B, ...), each timed on the
 start of the update until every receiver holds the data. Between two variants the sender waits,
 outside the timing, until every receiver has finished its side of the previous one (so one variant's
 teardown, e.g. a fresh group's destruction on the receivers, is not billed to the next; `--no-settle`
-starts the next variant at once, the method of earlier measurements):
+starts the next variant at once, the method of earlier measurements). The receivers get their command
+as the sender starts its clock; with `--lead-ms N` the sender waits N ms first, outside the timing, so
+that the receivers are already waiting for the update (their request in the store, or the raw
+receivers inside the broadcast), as the actors are in a run: the driver tells learner and actors at
+once, and the learner gathers the full weights before it sends.
 
 - project path: `WeightSender.send(named fp32 tensors, version)` -> every receiver iterates
   `WeightReceiver.receive(version)` to the end (the full protocol: request/announcement in the
   TCPStore, bucket headers, packing the tensors into one flat buffer per bucket, pipelined with its
   chunked broadcast over the gloo group kept from the previous successful update, "done"
   acknowledgements);
-- raw limit: `torch.distributed.broadcast` of one pre-packed flat uint8 tensor per bucket of the same
-  size over a persistent gloo process group (created once, outside the timing), then a barrier so the
-  sender knows every receiver has the bytes;
+- raw limit: `torch.distributed.broadcast` of one flat uint8 tensor per bucket, packed beforehand
+  with the same bytes, over a persistent gloo process group (created once, outside the timing), into
+  receive buffers allocated and touched once per payload size, then a barrier so the sender knows
+  every receiver has the bytes;
 - project path, fresh group (diagnostic): the same, with `WeightSender.reuse_group = False`, so every
   update rendezvouses a new gloo group (the behaviour before groups were reused);
 - raw + fresh group (diagnostic): the same broadcast and barrier over a new `ProcessGroupGloo`
@@ -97,18 +102,21 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
     store = dist.TCPStore("127.0.0.1", store_port, world, is_master=False, timeout=datetime.timedelta(seconds=300))
     rx = WeightReceiver(dict(init, rank=rank))
     rx.connect()
+    raw_bufs: dict[tuple, list[torch.Tensor]] = {}
     q_out.put("ready")
     while True:
         cmd = q_in.get()
         if cmd[0] == "stop":
             break
         if cmd[0] == "ws":
-            n = 0
-            for _, t in rx.receive(cmd[1]):
-                n += t.numel() * t.element_size()
+            n = sum(t.numel() * t.element_size() for _, t in rx.receive(cmd[1]))  # keeps no tensor (as
+            # the actors, which drop a loaded update), so the receiver reuses its buffer next time
         elif cmd[0] == "raw":
-            for nbytes in cmd[1]:
-                buf = torch.empty(nbytes, dtype=torch.uint8)
+            key = tuple(cmd[1])
+            if key not in raw_bufs:  # the limit receives into buffers it already touched, as the project path does
+                raw_bufs.clear()
+                raw_bufs[key] = [torch.zeros(nbytes, dtype=torch.uint8) for nbytes in key]
+            for buf in raw_bufs[key]:
                 dist.broadcast(buf, src=0)
             dist.barrier()
         elif cmd[0] == "fresh":
@@ -121,20 +129,22 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
     dist.destroy_process_group()
 
 
-def buckets_of(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[int]:
-    """Byte sizes of the flat buffers WeightSender would send (same bucketing rule, 64-byte alignment)."""
-    from archer_async.weight_buckets import _align
+def packed_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[torch.Tensor]:
+    """The flat uint8 buffers WeightSender would send (same bucketing rule and layout), packed: the raw
+    limit sends the same bytes from memory holding them (an untouched buffer would be read from the
+    kernel's shared zero page, which is faster than any real payload)."""
+    from archer_async.weight_buckets import pack_bucket
 
-    sizes, cur, size = [], 0, 0
-    for _, t in tensors:
+    out, bucket, size = [], [], 0
+    for name, t in tensors:
         n = t.numel() * t.element_size()
-        if size and size + n > bucket_bytes:
-            sizes.append(cur)
-            cur, size = 0, 0
-        cur = _align(cur + n)
+        if bucket and size + n > bucket_bytes:
+            out.append(pack_bucket(bucket, torch.device("cpu"))[1])
+            bucket, size = [], 0
+        bucket.append((name, t))
         size += n
-    sizes.append(cur)
-    return sizes
+    out.append(pack_bucket(bucket, torch.device("cpu"))[1])
+    return out
 
 
 def main() -> None:
@@ -146,6 +156,8 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--rotate", action="store_true",
                     help="rotate the order of the variants every repetition (default: always the same order)")
+    ap.add_argument("--lead-ms", type=float, default=0.0,
+                    help="wait this long after commanding the receivers before starting the clock (default 0)")
     ap.add_argument("--no-settle", action="store_true",
                     help="start each variant as soon as the sender finished the previous one (default: wait, "
                          "outside the timing, until every receiver has finished its side of it too)")
@@ -172,14 +184,15 @@ def main() -> None:
         assert q_out.get(timeout=300) == "ready"
     bucket_bytes = args.bucket_mb << 20
     settle = not args.no_settle
+    lead_s = args.lead_ms / 1e3
     tag = "settle" if settle else ""
     version = 0
     results = []
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for size_mb in [float(s) for s in args.sizes_mb.split(",")]:
         tensors = payload(size_mb)
-        sizes = buckets_of(tensors, bucket_bytes)
-        flats = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+        flats = packed_buckets(tensors, bucket_bytes)
+        sizes = [f.numel() for f in flats]
         times: dict[str, list[float]] = {"ws": [], "ws_fresh": [], "raw": [], "raw_fresh": []}
         stats: dict[str, dict] = {}
         counter = [version]
@@ -189,6 +202,7 @@ def main() -> None:
             sender.reuse_group = reuse
             for q in qs:
                 q.put(("ws", counter[0], tag))
+            time.sleep(lead_s)
             t0 = time.perf_counter()
             stats[key] = sender.send(iter(tensors), counter[0], bucket_bytes)
             dt = time.perf_counter() - t0
@@ -198,6 +212,7 @@ def main() -> None:
         def run_raw() -> float:
             for q in qs:
                 q.put(("raw", sizes, tag))
+            time.sleep(lead_s)
             t0 = time.perf_counter()
             for f in flats:
                 dist.broadcast(f, src=0)
@@ -208,6 +223,7 @@ def main() -> None:
             nonce = f"{size_mb}-{rep}"
             for q in qs:
                 q.put(("fresh", sizes, nonce, tag))
+            time.sleep(lead_s)
             t0 = time.perf_counter()
             pg = _fresh_group(store, nonce, 0, world)
             _fresh_round(pg, flats)
@@ -232,6 +248,7 @@ def main() -> None:
         ws_times, raw_times, fresh_times, fast_times = times["ws"], times["raw"], times["raw_fresh"], times["ws_fresh"]
         row = {"payload_bytes": st["bytes"], "buckets": st["num_buckets"], "tensors": st["num_tensors"],
                "receivers": args.receivers, "reps": args.reps, "rotate": args.rotate, "settle": settle,
+               "lead_ms": args.lead_ms,
                "weightsender_median_s": statistics.median(ws_times), "weightsender_min_s": min(ws_times),
                "raw_broadcast_median_s": statistics.median(raw_times), "raw_broadcast_min_s": min(raw_times),
                "raw_fresh_group_median_s": statistics.median(fresh_times), "raw_fresh_group_min_s": min(fresh_times),
