@@ -256,8 +256,12 @@ def _trained_steps(run_dir: Path) -> int:
 
 def run_chaos(run_dir: Path, seed: int, kills: int, steps: int, time_limit_s: float,
               kinds: tuple[str, ...] = KINDS, wait_range: tuple[float, float] = (10.0, 40.0),
-              overrides: tuple[str, ...] = ()) -> dict:
-    """Run a tiny training run with `kills` SIGKILLs, finish it, return the events and the accounting."""
+              overrides: tuple[str, ...] = (), min_steps_left: int = 3) -> dict:
+    """Run a tiny training run with `kills` SIGKILLs, finish it, return the events and the accounting.
+
+    A kill lands only while at least `min_steps_left` training steps remain: one in the run's last
+    moments would not be answered (the run finishes before the driver re-places what died), so the
+    killing stops there."""
     rng = random.Random(seed)
     t_end = time.monotonic() + time_limit_s
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
@@ -286,6 +290,8 @@ def run_chaos(run_dir: Path, seed: int, kills: int, steps: int, time_limit_s: fl
             # the target must exist (and a stop-the-run kill needs a checkpoint newer than the last start)
             target = None
             while time.monotonic() < t_end and driver.proc.poll() is None:
+                if _trained_steps(run_dir) > steps - min_steps_left:
+                    break  # too close to the end for the run to answer a kill
                 # roles of this driver are up (pids.json rewritten since it started); a stop-the-run kill
                 # also waits for a checkpoint newer than the one the last such kill left behind
                 ready = _pids_since(run_dir, driver.started) and _trained_since(run_dir, driver.started) and (
