@@ -8,7 +8,6 @@ failed update, then a buffer kill -9 and restart.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -190,11 +189,35 @@ def test_groups_carry_behaviour_logprobs_equal_to_learner_recompute(env):
     check_logprobs(env, groups, "version 0", exact_versions={0})
 
 
+def _responses_in_flight(env, version: int) -> None:
+    """Return once the actor has responses part-way (an update must catch some): it may be idle
+    behind closed admission (a group is consumed to open it) or just starting its requests."""
+    deadline = time.monotonic() + 60
+    while env["actor"].stats()["actor/in_flight"] == 0:
+        assert time.monotonic() < deadline, "the actor started no request within 60 s"
+        if env["learner"].stats()["ready"] >= 1:
+            take(env, 1, version=version)  # consume: opens admission headroom
+        time.sleep(0.02)
+    time.sleep(0.1)  # let the responses in flight produce some of their up to 24 tokens
+
+
+def _take_until_spanning(env, version: int, versions: set) -> tuple[list, list]:
+    """(groups, responses carrying exactly `versions`): oldest first, so the groups stored before the
+    update come out first, then those it caught part-way."""
+    backlog = env["learner"].stats()["ready"]
+    groups = []
+    while len(groups) < backlog + 12:
+        groups += take(env, 4, version=version)
+        if any(set(s.token_versions) == versions for g in groups for s in g.samples):
+            break
+    return groups, [s for g in groups for s in g.samples if set(s.token_versions) == versions]
+
+
 def test_keep_mode_update_loads_learner_weights_and_labels_tokens(env):
+    _responses_in_flight(env, version=0)
     r = update(env, 1, "keep")
     assert r["version"] == 1 and env["actor"].stats()["version"] == 1
-    groups = take(env, 6, version=1)
-    spanning = [s for g in groups for s in g.samples if set(s.token_versions) == {0, 1}]
+    groups, spanning = _take_until_spanning(env, 1, {0, 1})
     assert spanning, "a response generated across the update must carry both versions"
     s = spanning[0]
     k = s.token_versions.index(1)
@@ -206,25 +229,11 @@ def test_keep_mode_update_loads_learner_weights_and_labels_tokens(env):
 
 
 def test_abort_mode_update_resubmits_prefix_under_new_weights(env):
-    # the abort must catch responses part-way: the actor may be idle when admission is closed, and a
-    # response aborted before its first token is simply generated again under the new weights
-    deadline = time.monotonic() + 60
-    while env["actor"].stats()["actor/in_flight"] == 0:
-        assert time.monotonic() < deadline, "the actor started no request within 60 s"
-        if env["learner"].stats()["ready"] >= 1:
-            take(env, 1, version=1)  # consume: opens admission headroom
-        time.sleep(0.02)
-    time.sleep(0.1)  # let the responses in flight produce some of their up to 24 tokens
+    # a response aborted before its first token is simply generated again under the new weights
+    _responses_in_flight(env, version=1)
     r = update(env, 2, "abort")
     assert r["mode"] == "abort" and r["version"] == 2
-    # oldest first: the groups stored before the update come out first, then those it interrupted
-    backlog = env["learner"].stats()["ready"]
-    groups = []
-    while len(groups) < backlog + 12:
-        groups += take(env, 4, version=2)
-        if any(set(s.token_versions) == {1, 2} for g in groups for s in g.samples):
-            break
-    spanning = [s for g in groups for s in g.samples if set(s.token_versions) == {1, 2}]
+    groups, spanning = _take_until_spanning(env, 2, {1, 2})
     assert spanning, "an aborted response continues under the new version"
     # prefix recomputed under version 2: both parts match the learner's weights of their version
     check_logprobs(env, [g for g in groups if any(s in spanning for s in g.samples)], "abort update 1->2",

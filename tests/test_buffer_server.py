@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import msgspec
 import pytest
@@ -108,8 +109,12 @@ def test_backpressure_then_restore_from_checkpoint_state(tmp_path, server):
             BufferClient.from_run_dir(tmp_path, client_id="learner") as learner:
         for i in range(5):
             actor.submit(make_group(i))
-        with pytest.raises(BufferTimeout):
-            actor.flush(timeout=1.0)  # full: producers wait, nothing dropped
+        deadline = time.monotonic() + 30
+        while True:  # the first two are acknowledged after their fsync (may take more than 1 s here)
+            with pytest.raises(BufferTimeout):
+                actor.flush(timeout=1.0)  # full: producers wait, nothing dropped
+            if actor.pending() <= 3 or time.monotonic() > deadline:
+                break
         assert actor.pending() == 3
         flushed = []
         waiter = threading.Thread(target=lambda: flushed.extend(actor.flush(timeout=30)))

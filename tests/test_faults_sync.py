@@ -70,8 +70,10 @@ def _connect(sender: WeightSender, tries: int = 15) -> None:
 def test_receiver_fault_mid_update_aborts_in_deadline_and_replacement_joins(fault):
     ctx = mp.get_context("spawn")
     q = ProcEvents(ctx)
-    init = make_sync_init(num_actors=2, timeout_s=DEADLINE_S)
-    sender = WeightSender(init)
+    # the deadline under test is the sender's; receivers wait long (a replacement process is spawned and
+    # imports torch while the survivor already waits for the next update)
+    init = make_sync_init(num_actors=2, timeout_s=180)
+    sender = WeightSender(init, timeout_s=DEADLINE_S)
     bad = _start(ctx, init, 1, [1, 2], q, fault, fault_version=2)
     good = _start(ctx, init, 2, [1, 2, 3], q)
     try:

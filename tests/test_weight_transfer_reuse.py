@@ -123,8 +123,8 @@ def test_replaced_receiver_process_gets_the_next_update_on_a_fresh_group():
 def test_failed_update_error_names_the_failed_peer():
     ctx = mp.get_context("spawn")
     events = ProcEvents(ctx)
-    init = make_sync_init(num_actors=2, timeout_s=10)
-    sender = WeightSender(init, timeout_s=180)  # spawned receivers import torch first: slow on a busy machine
+    init = make_sync_init(num_actors=2, timeout_s=180)  # receivers: spawned, they import torch first (slow
+    sender = WeightSender(init)                         # on a busy machine) and may say hello far apart
     bad = _start_receiver(ctx, init, 1, [1, 2], events, die_in=2)
     good = _start_receiver(ctx, init, 2, [1, 2], events)
     try:
@@ -136,7 +136,9 @@ def test_failed_update_error_names_the_failed_peer():
         with pytest.raises(WeightSyncError) as info:
             sender.send(_weights(2, n=8), 2, bucket_bytes=5000)  # rank 1 dies after its first tensor
         msg = str(info.value)
-        assert re.search(r"did not answer \(dead or stalled\): \[1\]|receivers \[1\] did not acknowledge", msg), msg
+        # rank 1 is named; the survivor may not have reported its own error within the sender's grace
+        assert re.search(r"did not answer \(dead or stalled\): \[1(, 2)?\]|receivers \[1(, 2)?\] did not acknowledge",
+                         msg), msg
         ev = events.collect(1, 60)[0]
         assert ev[:3] == ("err", 2, 2)  # the survivor's receive raised: it keeps version 1
     finally:
