@@ -37,6 +37,7 @@ receive (the vLLM-side reload is not part of the transfer; bench/bench_actor.py 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -109,8 +110,8 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
         if cmd[0] == "stop":
             break
         if cmd[0] == "ws":
-            n = sum(t.numel() * t.element_size() for _, t in rx.receive(cmd[1]))  # keeps no tensor (as
-            # the actors, which drop a loaded update), so the receiver reuses its buffer next time
+            collections.deque(rx.receive(cmd[1]), maxlen=0)  # takes every tensor and keeps none (as the
+            # actors drop a loaded update), so the receiver reuses its buffer next time
         elif cmd[0] == "raw":
             key = tuple(cmd[1])
             if key not in raw_bufs:  # the limit receives into buffers it already touched, as the project path does
