@@ -136,9 +136,7 @@ def test_failed_update_error_names_the_failed_peer():
         with pytest.raises(WeightSyncError) as info:
             sender.send(_weights(2, n=8), 2, bucket_bytes=5000)  # rank 1 dies after its first tensor
         msg = str(info.value)
-        # rank 1 is named; the survivor may not have reported its own error within the sender's grace
-        assert re.search(r"did not answer \(dead or stalled\): \[1(, 2)?\]|receivers \[1(, 2)?\] did not acknowledge",
-                         msg), msg
+        assert re.search(r"did not answer \(dead or stalled\): \[1\]|receivers \[1\] did not acknowledge", msg), msg
         ev = events.collect(1, 60)[0]
         assert ev[:3] == ("err", 2, 2)  # the survivor's receive raised: it keeps version 1
     finally:
