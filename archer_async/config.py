@@ -115,6 +115,9 @@ class BufferConfig(_Section):
     they reach the learner (recorded with the reason, counted). Needs samples_per_prompt >= 2."""
     fsync: bool = True
     """fsync each batch of appends (group commit). False only for benchmarks."""
+    direct_io: bool = True
+    """With fsync: write the log with O_DIRECT, past the page cache (each group commit padded to a 4 KiB
+    boundary). Where the filesystem refuses it (e.g. tmpfs) the buffer warns and writes buffered."""
     segment_bytes: int = 64 * 1024 * 1024
     """Segment files are sealed and a new one started beyond this size."""
     host: str = "127.0.0.1"

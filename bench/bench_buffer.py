@@ -6,12 +6,14 @@ Each group: `--samples` responses of `--tokens` tokens (random token ids and log
 (msgspec msgpack, ~230 KB for 16 x 1000); producers only patch the group id into the bytes. Modes,
 all with the same producer processes and bytes, interleaved within each repetition:
   raw          pyzmq PUSH (one per producer) -> one PULL process; time until the last byte arrives
-  raw+hold     raw, but the PULL side keeps every message until the end, as the buffer keeps the payloads
-               of stored groups (no consumer in this benchmark): every message lands in fresh memory
+  raw+hold     raw, but the PULL side keeps every message until the end, as the buffer did before it
+               read payloads back from its log: every message lands in fresh memory
   raw+curve    the same with CurveZMQ on the sockets (authenticated encryption in libzmq's I/O threads)
   buffer/nosync the buffer process (`python -m buffer`), every put MAC'd (AES-256-GCM tag over all bytes),
                XXH3-checked log records, one ack message per producer per batch (buffer.fsync=false)
-  buffer/fsync same with one fsync per batch before acknowledging (buffer.fsync=true, the default)
+  buffer/fsync same with one fsync per batch before acknowledging (buffer.fsync=true, the default;
+               the log written with O_DIRECT, buffer.direct_io=true, the default)
+  buffer/fsync+pagecache same as fsync, the log written through the page cache (buffer.direct_io=false)
   buffer/fsync+verify same as fsync with buffer.verify_payload=true (server-side msgpack decode)
 Throughput = groups / seconds from the producers' start barrier to the last ack (or receive).
 Reported: median over the repetitions and the min-max spread; % of raw = median / median of raw.
@@ -99,7 +101,8 @@ def buffer_producer(run_dir, ids, head, tail, meta, barrier, window, cpu):
     c.close()
 
 
-MODES = ("raw", "raw+hold", "raw+curve", "buffer/nosync", "buffer/fsync", "buffer/fsync+verify")
+MODES = ("raw", "raw+hold", "raw+curve", "buffer/nosync", "buffer/fsync", "buffer/fsync+pagecache",
+         "buffer/fsync+verify")
 
 
 def split(n, p):
@@ -141,11 +144,12 @@ def run_raw(n, p, head, tail, curve: bool = False, hold: bool = False) -> tuple[
     return dt, prod_cpu, recv_cpu
 
 
-def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, base: Path
+def run_buffer(n, p, head, tail, meta, fsync: bool, verify: bool, window: int, base: Path, direct_io: bool = True
                ) -> tuple[float, int, float, float]:
     """(seconds, log bytes, producers' CPU seconds, buffer process CPU seconds)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-buffer-", dir=base))
-    cfg = {"capacity": n + 10, "fsync": fsync, "max_staleness": 1000, "verify_payload": verify}
+    cfg = {"capacity": n + 10, "fsync": fsync, "max_staleness": 1000, "verify_payload": verify,
+           "direct_io": direct_io}
     server = subprocess.Popen([sys.executable, "-m", "buffer", "--run-dir", str(run_dir), "--config-json",
                                json.dumps(cfg)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -235,7 +239,7 @@ def main() -> None:
                 disk = 0
             else:
                 dt, disk, pc, rc = run_buffer(n, p, head, tail, meta, "nosync" not in mode, "verify" in mode,
-                                              args.window, base)
+                                              args.window, base, direct_io="pagecache" not in mode)
             rows.setdefault(mode, []).append((n / dt, disk, 1e3 * pc / n, 1e3 * rc / n))
             print(f"  rep {rep} {mode:20s} {n / dt:9.0f} groups/s {n * size / dt / 1e6:8.0f} MB/s  CPU ms/group: "
                   f"producers {1e3 * pc / n:.3f} receiver {1e3 * rc / n:.3f}", flush=True)

@@ -183,7 +183,8 @@ class BufferStore:
                            sampler=bcfg.sampler, max_reuse=bcfg.max_reuse,
                            filter_groups=bcfg.filter_groups, batch_groups=batch_groups,
                            seed=bcfg.sampler_seed)
-        self.log = SegmentLog(log_dir, bcfg.segment_bytes, bcfg.fsync, readonly=readonly)
+        self.log = SegmentLog(log_dir, bcfg.segment_bytes, bcfg.fsync, readonly=readonly,
+                              direct=bcfg.fsync and bcfg.direct_io)
         self.record_counts = {name: 0 for name in RECORD_NAMES.values()}
         self._pending: list[Entry] = []
         self._unsynced = False
@@ -206,7 +207,7 @@ class BufferStore:
             seq, meta, _ = parse_group_record(body)
             if seq != t.next_seq:
                 raise LogCorruptError(f"group record seq {seq}, expected {t.next_seq} (segment {loc.segment})")
-            t.add_group(meta, None).loc = loc
+            t.add_group(meta).loc = loc
         elif rtype == REC_DELIVER:
             d = _MAP_DEC.decode(body)
             t.version = d["version"]
@@ -230,9 +231,12 @@ class BufferStore:
         return locs
 
     def payload(self, e: Entry) -> bytes:
-        """Encoded TrajectoryGroup of a stored entry (from memory, else from its log record)."""
-        if e.payload is not None:
-            return e.payload
+        """Encoded TrajectoryGroup of a stored entry, read back from its log record.
+
+        Memory holds only the index: a payload is held until its record is written (by the log's
+        queue), never as a second copy. That bounds the buffer's memory by its index whatever the
+        groups weigh, and costs the ingest path less than keeping every received message alive
+        (bench/RESULTS_buffer.md); a delivery reads B records back (checked against their XXH3)."""
         return bytes(self._group_record(e)[2])
 
     def _group_record(self, e: Entry) -> tuple[int, GroupMeta, memoryview]:
@@ -273,7 +277,7 @@ class BufferStore:
         out = []
         for (meta, payload), d in zip(items, decisions):
             if d == "store":
-                e = t.add_group(meta, payload)
+                e = t.add_group(meta)
                 e.loc = next(locs)
                 self._pending.append(e)
             elif d not in ("duplicate", "full"):

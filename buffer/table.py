@@ -97,8 +97,6 @@ class Entry:
 
     seq: int
     meta: GroupMeta
-    payload: Optional[bytes] = None
-    """Encoded TrajectoryGroup while it may still be delivered (None: read it from the log)."""
     loc: object = None
     """segment_log.Location of its GROUP record once written."""
     committed: bool = False
@@ -186,9 +184,9 @@ class Table:
             return "full"
         return "store"
 
-    def add_group(self, meta: GroupMeta, payload: Optional[bytes]) -> Entry:
-        """Store a group (pending until `commit`)."""
-        e = Entry(seq=self.next_seq, meta=meta, payload=payload)
+    def add_group(self, meta: GroupMeta) -> Entry:
+        """Store a group (pending until `commit`); its payload is in its log record only."""
+        e = Entry(seq=self.next_seq, meta=meta)
         self.entries.append(e)
         self.by_id[meta.group_id] = e
         self.live[e.seq] = e
@@ -222,7 +220,6 @@ class Table:
         if e.dropped is not None:
             return
         e.dropped = reason
-        e.payload = None
         e.meta = slim(e.meta)
         self.live.pop(e.seq, None)
         self._count_drop(reason)
@@ -246,7 +243,6 @@ class Table:
             e.delivered += 1
             if e.delivered >= self.max_reuse:
                 self.live.pop(e.seq, None)
-                e.payload = None
                 e.meta = slim(e.meta)
             out.append(e)
         self.counters["delivered"] += len(out)
@@ -283,7 +279,6 @@ class Table:
             if e.seq < cursor:
                 e.delivered = self.max_reuse
                 self.live.pop(e.seq, None)
-                e.payload = None
                 e.meta = slim(e.meta)
             else:
                 e.delivered = consumed.get(e.meta.group_id, 0)
