@@ -8,7 +8,7 @@ multiple of ALIGN_BYTES; `nbytes` is the flat buffer's size (uint8 [nbytes]).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -32,6 +32,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _align(n: int) -> int:
     return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+def split_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+                  ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+    """(bucket, is_last) in order: consecutive tensors of at most `bucket_bytes` together (a larger
+    tensor travels alone); the last bucket may be empty when there are no tensors. Each bucket is a
+    new list, so the caller may clear one once it is done with it (to free its tensors before the
+    next bucket is gathered)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named_tensors:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield bucket, False
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    yield bucket, True
 
 
 def bucket_layout(tensors: list[tuple[str, torch.Tensor]]) -> dict:

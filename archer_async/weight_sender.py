@@ -14,18 +14,31 @@ import logging
 import time
 import traceback
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from archer_async.weight_buckets import (
     DEFAULT_CHUNK_BYTES, _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds, chunk_size, pack_bucket,
+    split_buckets,
 )
 from archer_async.weight_transfer import (
     SyncInit, WeightSyncError, _Control, _gloo_broadcast_chunks, _gloo_group, _nccl_broadcast, _nccl_group, _release,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _checked(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of one update; TypeError for a non-tensor, ValueError for a repeated name."""
+    seen: set[str] = set()
+    for name, t in named_tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(t).__name__}, not a tensor")
+        if name in seen:
+            raise ValueError(f"weight {name!r} sent twice in one update")
+        seen.add(name)
+        yield name, t
 
 
 class WeightSender:
@@ -118,23 +131,9 @@ class WeightSender:
         self._headers = 0  # bucket headers published so far (the next one is where receivers wait)
         self._reqs = {}  # receiver rank -> its request id for this update (read from want/<v>/<r>)
         try:
-            seen: set[str] = set()
-            bucket: list[tuple[str, torch.Tensor]] = []
-            size = 0
-            for name, t in named_tensors:
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"weight {name!r} is a {type(t).__name__}, not a tensor")
-                if name in seen:
-                    raise ValueError(f"weight {name!r} sent twice in one update")
-                seen.add(name)
-                n = t.numel() * t.element_size()
-                if bucket and size + n > bucket_bytes:
-                    self._send_bucket(nonce, version, bucket, False, deadline, stats, keys)
-                    bucket, size = [], 0
-                bucket.append((name, t))
-                size += n
-            self._send_bucket(nonce, version, bucket, True, deadline, stats, keys)
-            del bucket
+            for bucket, last in split_buckets(_checked(named_tensors), bucket_bytes):
+                self._send_bucket(nonce, version, bucket, last, deadline, stats, keys)
+                bucket.clear()  # its tensors go before the next bucket is gathered: one bucket alive at a time
             done = [f"{nonce}/done/{r}" for r in ranks]
             acks, missing = ctl.get_all(done, deadline)
             keys += done

@@ -134,18 +134,9 @@ def packed_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -
     """The flat uint8 buffers WeightSender would send (same bucketing rule and layout), packed: the raw
     limit sends the same bytes from memory holding them (an untouched buffer would be read from the
     kernel's shared zero page, which is faster than any real payload)."""
-    from archer_async.weight_buckets import pack_bucket
+    from archer_async.weight_buckets import pack_bucket, split_buckets
 
-    out, bucket, size = [], [], 0
-    for name, t in tensors:
-        n = t.numel() * t.element_size()
-        if bucket and size + n > bucket_bytes:
-            out.append(pack_bucket(bucket, torch.device("cpu"))[1])
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += n
-    out.append(pack_bucket(bucket, torch.device("cpu"))[1])
-    return out
+    return [pack_bucket(bucket, torch.device("cpu"))[1] for bucket, _ in split_buckets(tensors, bucket_bytes)]
 
 
 def main() -> None:
