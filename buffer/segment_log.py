@@ -61,6 +61,19 @@ class LogCorruptError(UserError):
     """A sealed segment holds an invalid record (not a torn tail): the log needs a human."""
 
 
+class _DirectRefused(Exception):
+    """The filesystem refused O_DIRECT (EINVAL opening the segment or at the point's first write)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _ShortDirectWrite(Exception):
+    """A direct write stopped short (e.g. the disk filled up): the point is written again buffered,
+    which either succeeds or raises the real cause."""
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a record lives: segment number, byte offset of its header, total bytes with header."""
@@ -197,6 +210,7 @@ class SegmentLog:
         """Deferred mode: write sync points with O_DIRECT (see `_write_direct`); turned off, with a
         warning, when the filesystem refuses it."""
         self._dfd: Optional[int] = None  # O_DIRECT handle of _fd's segment
+        self._direct_ok = False  # a direct write succeeded in this log (a later EINVAL is an error)
         self._stage: Optional[mmap.mmap] = None  # page-aligned staging buffer of direct writes
         # Owner's view: the segment appends go to and its size including queued records.
         self._active: int = 0
@@ -398,11 +412,14 @@ class SegmentLog:
                 self._write_direct(point)
                 self._written = point.size
                 return
-            except OSError as e:
-                os.ftruncate(self._fd, point.start)  # no partial record remains
-                if e.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused; anything else is a write error
-                    raise
-                self._no_direct(e)
+            except _DirectRefused as r:
+                os.ftruncate(self._fd, point.start)
+                self._no_direct(r.error)
+            except _ShortDirectWrite:
+                os.ftruncate(self._fd, point.start)  # no partial record remains; written buffered below
+            except OSError:
+                os.ftruncate(self._fd, point.start)
+                raise
         bufs = []
         for rec in point.records:
             bufs.append(rec[2] if len(rec) > 2 else frame_header(rec[0], rec[1]))
@@ -421,7 +438,12 @@ class SegmentLog:
         No page cache: none to fill, write back and drop afterwards. On the benchmark VM this took the
         buffer's durable ingest from ~2,900 to ~3,600 groups/s of 229 KB (bench/RESULTS_buffer.md)."""
         if self._dfd is None:
-            self._dfd = os.open(self._path(point.segment, False), os.O_WRONLY | os.O_DIRECT)
+            try:
+                self._dfd = os.open(self._path(point.segment, False), os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise _DirectRefused(e) from None
+                raise
         if self._stage is None:
             self._stage = mmap.mmap(-1, _STAGE_BYTES)
         stage, used, offset = memoryview(self._stage), 0, point.start
@@ -440,22 +462,33 @@ class SegmentLog:
         assert offset == point.size, (offset, point)
 
     def _pwrite_all(self, data: memoryview, offset: int) -> int:
-        """pwrite all of `data` (block-aligned length) at `offset` through the O_DIRECT handle."""
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._dfd, data[done:], offset + done)
+        """pwrite `data` (block-aligned length) at `offset` through the O_DIRECT handle; _DirectRefused
+        for EINVAL on this log's first direct write, _ShortDirectWrite when fewer bytes went out
+        (the rest could not be written at an aligned offset)."""
+        try:
+            done = os.pwrite(self._dfd, data, offset)
+        except OSError as e:
+            if e.errno == errno.EINVAL and not self._direct_ok:
+                raise _DirectRefused(e) from None
+            raise
+        self._direct_ok = True
+        if done != len(data):
+            raise _ShortDirectWrite()
         return done
 
     def _no_direct(self, e: OSError) -> None:
         """The filesystem refused O_DIRECT (e.g. tmpfs): write buffered from now on, and say so."""
         log.warning("buffer log: direct I/O refused in %s (%s); writing through the page cache", self.dir, e)
         self.direct = False
-        self._close_direct()
+        self._close_direct(release=True)
 
-    def _close_direct(self) -> None:
+    def _close_direct(self, release: bool = False) -> None:
+        """Close the O_DIRECT handle; `release`: also unmap the staging buffer."""
         if self._dfd is not None:
             os.close(self._dfd)
             self._dfd = None
+        if release:
+            self._stage = None  # unmapped once no view of it is left
 
     def _seal(self) -> None:
         """Close the written segment (already fsynced when fsync is on), rename it .open -> .seg."""
@@ -490,7 +523,7 @@ class SegmentLog:
         """Write what is queued, fsync (when enabled) and close the active segment."""
         if self._queue and self._failed is None:
             self.run_sync(self.begin_sync())
-        self._close_direct()
+        self._close_direct(release=True)
         if self._fd is not None:
             if self.fsync:
                 os.fdatasync(self._fd)

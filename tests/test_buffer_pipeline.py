@@ -23,11 +23,26 @@ def _direct_io_supported(path) -> bool:
     return True
 
 
+def _count_direct_writes(monkeypatch) -> list:
+    """Spy: one entry per piece written through the O_DIRECT handle."""
+    pieces = []
+    real = SegmentLog._pwrite_all
+
+    def spy(self, data, offset):
+        pieces.append((offset, len(data)))
+        return real(self, data, offset)
+
+    monkeypatch.setattr(SegmentLog, "_pwrite_all", spy)
+    return pieces
+
+
 @pytest.mark.parametrize("direct", [False, True])
-def test_deferred_points_written_in_order_across_seals(tmp_path, direct):
+def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch):
     if direct and not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
-    log = SegmentLog(tmp_path, segment_bytes=2000, fsync=True, direct=direct)
+    pieces = _count_direct_writes(monkeypatch)
+    # direct: every point is padded to 4 KiB, so segments hold several points only when larger
+    log = SegmentLog(tmp_path, segment_bytes=12_000 if direct else 2000, fsync=True, direct=direct)
     log.deferred = True
     want, futures = [], []
     with ThreadPoolExecutor(2) as pool:
@@ -43,8 +58,11 @@ def test_deferred_points_written_in_order_across_seals(tmp_path, direct):
     log.close()
     assert len(log.segments()) > 3 and all(p.suffix == ".seg" for _, p in log.segments()[:-1])
     if direct:
-        assert log.direct  # never fell back to the page cache
+        assert log.direct and len(pieces) >= 15  # every point went past the page cache
+        assert all(off % BLOCK == 0 and n % BLOCK == 0 for off, n in pieces)
         assert all(p.stat().st_size % BLOCK == 0 for _, p in log.segments())
+    else:
+        assert not pieces
     log2 = SegmentLog(tmp_path, segment_bytes=2000, fsync=True)
     got = [(t, bytes(b)) for t, b, _ in log2.replay()]
     assert got == want and log2.tail is None
@@ -110,3 +128,80 @@ def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, ca
     log.close()
     assert not log.direct and "direct I/O refused" in caplog.text
     assert _replayed(tmp_path)[1] == want
+
+
+@pytest.mark.parametrize("gap", list(range(0, 20)) + [BLOCK - 9, BLOCK - 1])
+def test_direct_padding_of_every_small_gap(tmp_path, gap):
+    """A gap shorter than a record header is padded into the next block (and replay skips the pad)."""
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log.deferred = True
+    body = b"g" * (2 * BLOCK - gap - 9)  # header 9 bytes: the point ends `gap` bytes before a boundary
+    log.append([(1, [body])])
+    log.run_sync(log.begin_sync())
+    (loc,) = log.append([(2, [b"next"])])
+    log.run_sync(log.begin_sync())
+    assert loc.offset % BLOCK == 0 and loc.offset >= 2 * BLOCK and log.read(loc) == (2, b"next")
+    log.close()
+    assert _replayed(tmp_path)[1] == [(1, body), (2, b"next")]
+
+
+def _pwrite_fake(monkeypatch, fail_at: int, error: "OSError | None"):
+    """Fake os.pwrite: the `fail_at`-th call (0-based) raises `error`, or (error None) writes only half."""
+    real = os.pwrite
+    calls = [0]
+
+    def pwrite_fake(fd, data, offset):
+        k = calls[0]
+        calls[0] += 1
+        if k == fail_at:
+            if error is not None:
+                raise error
+            return real(fd, memoryview(data)[:len(data) // 2], offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_fake)
+
+
+def _three_points(log):
+    want = []
+    for k in range(3):
+        body = bytes([k]) * (6000 + 1000 * k)
+        log.append([(1, [body])])
+        want.append((1, body))
+        log.run_sync(log.begin_sync())
+    return want
+
+
+def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch):
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)  # each point in several pieces
+    _pwrite_fake(monkeypatch, fail_at=3, error=None)  # the 2nd point's 2nd piece stops halfway
+    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log.deferred = True
+    want = _three_points(log)
+    log.close()
+    assert log.direct  # a short write is not a refusal
+    log2, got = _replayed(tmp_path)
+    assert got == want and log2.tail is None
+
+
+def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch):
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)
+    _pwrite_fake(monkeypatch, fail_at=3, error=OSError(errno.EIO, "Input/output error"))
+    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log.deferred = True
+    body = b"a" * 6000
+    log.append([(1, [body])])
+    log.run_sync(log.begin_sync())  # pieces 0 and 1
+    log.append([(1, [b"b" * 9000])])
+    with pytest.raises(OSError, match="Input/output"):
+        log.run_sync(log.begin_sync())  # piece 2 written, piece 3 fails: cut back to the point's start
+    (seg,) = [p for _, p in log.segments()]
+    assert seg.stat().st_size == 2 * BLOCK
+    log2, got = _replayed(tmp_path)
+    assert got == [(1, body)] and log2.tail is None
