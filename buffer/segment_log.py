@@ -16,9 +16,10 @@ inode) and seals the active segment once it passed ``segment_bytes``: fdatasync,
 from the page cache (POSIX_FADV_DONTNEED; see `run_sync`).
 
 Direct mode (``direct=True``, the buffer's default with fsync): deferred writes bypass the page cache
-(O_DIRECT). Each sync point then ends on a 4 KiB boundary with a padding record (type REC_PAD, zeros,
-framed and checked like any record; replay skips it), so the next point starts aligned. A point
-that starts unaligned (records appended in immediate mode, e.g. before a restart) is written buffered.
+(O_DIRECT). Each sync point of at least DIRECT_MIN_BYTES then ends on a 4 KiB boundary with a padding
+record (type REC_PAD, zeros, framed and checked like any record; replay skips it), so the next point
+starts aligned. A point that does not start and end on a boundary (a small one, or one after records
+appended in immediate mode, e.g. before a restart) is written buffered.
 
 On open, ``replay`` scans every segment; in the active one it truncates a torn or garbage tail to
 the last valid record (Kafka's recovery) and reports it in ``tail``. A bad record inside a sealed
@@ -50,6 +51,9 @@ REC_PAD = 0
 BLOCK = 4096
 """Alignment of direct writes: offset, length and buffer address (a multiple of any device's logical block)."""
 _MIN_RECORD = HEADER.size + 1
+DIRECT_MIN_BYTES = 64 << 10
+"""Direct mode: smaller sync points (e.g. delivery and version records alone) are written buffered and
+not padded, so padding costs at most BLOCK per DIRECT_MIN_BYTES of log."""
 _STAGE_BYTES = 8 << 20
 """Aligned staging buffer of direct writes: a sync point is written in pieces of at most this."""
 _ZEROS = bytes(BLOCK + _MIN_RECORD)
@@ -333,8 +337,8 @@ class SegmentLog:
             return None
         records, self._queue = self._queue, []
         start = self._size - sum(HEADER.size + 1 + sum(len(p) for p in rec[1]) for rec in records)
-        if self.direct and records:  # end the point on a block boundary: the next one starts aligned
-            gap = -self._size % BLOCK
+        if self.direct and records and self._size - start >= DIRECT_MIN_BYTES:  # end on a boundary: the
+            gap = -self._size % BLOCK  # point (when it starts on one) and the next one are written direct
             if gap:
                 gap += BLOCK if gap < _MIN_RECORD else 0
                 parts = [memoryview(_ZEROS)[:gap - _MIN_RECORD]]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from buffer.segment_log import BLOCK, SegmentLog
+from buffer.segment_log import BLOCK, DIRECT_MIN_BYTES, SegmentLog
 
 
 def _direct_io_supported(path) -> bool:
@@ -21,6 +21,12 @@ def _direct_io_supported(path) -> bool:
     os.close(fd)
     os.unlink(path / "probe")
     return True
+
+
+@pytest.fixture
+def direct_always(monkeypatch):
+    """Every sync point padded and written direct, however small (the mechanics, on small records)."""
+    monkeypatch.setattr("buffer.segment_log.DIRECT_MIN_BYTES", 0)
 
 
 def _count_direct_writes(monkeypatch) -> list:
@@ -37,7 +43,7 @@ def _count_direct_writes(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch):
+def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch, direct_always):
     if direct and not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     pieces = _count_direct_writes(monkeypatch)
@@ -73,7 +79,7 @@ def _replayed(path):
     return log, [(t, bytes(b)) for t, b, _ in log.replay()]
 
 
-def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path):
+def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path, direct_always):
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     log = SegmentLog(tmp_path, fsync=True, direct=True)
@@ -108,7 +114,7 @@ def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path):
     assert _replayed(tmp_path)[1] == want + [(1, b"after"), (2, b"later")]
 
 
-def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, caplog):
+def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, caplog, direct_always):
     real_open = os.open
 
     def open_refusing_direct_fake(path, flags, *args):  # a filesystem without O_DIRECT
@@ -131,7 +137,7 @@ def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("gap", list(range(0, 20)) + [BLOCK - 9, BLOCK - 1])
-def test_direct_padding_of_every_small_gap(tmp_path, gap):
+def test_direct_padding_of_every_small_gap(tmp_path, gap, direct_always):
     """A gap shorter than a record header is padded into the next block (and replay skips the pad)."""
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
@@ -174,7 +180,7 @@ def _three_points(log):
     return want
 
 
-def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch):
+def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch, direct_always):
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)  # each point in several pieces
@@ -188,7 +194,7 @@ def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch):
     assert got == want and log2.tail is None
 
 
-def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch):
+def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch, direct_always):
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)
@@ -205,3 +211,24 @@ def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch):
     assert seg.stat().st_size == 2 * BLOCK
     log2, got = _replayed(tmp_path)
     assert got == [(1, body)] and log2.tail is None
+
+
+def test_small_points_are_written_buffered_without_padding(tmp_path, monkeypatch):
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    pieces = _count_direct_writes(monkeypatch)
+    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log.deferred = True
+    small = log.append([(2, [b"delivery"])])[0]
+    log.run_sync(log.begin_sync())
+    (seg,) = [p for _, p in log.segments()]
+    assert seg.stat().st_size == small.size and not pieces  # no padding, page cache
+    big = [bytes([k]) * DIRECT_MIN_BYTES for k in range(2)]
+    log.append([(1, [big[0]])])  # starts unaligned: buffered, padded
+    log.run_sync(log.begin_sync())
+    assert not pieces and seg.stat().st_size % BLOCK == 0
+    log.append([(1, [big[1]])])  # aligned and large: direct
+    log.run_sync(log.begin_sync())
+    assert pieces and seg.stat().st_size % BLOCK == 0
+    log.close()
+    assert _replayed(tmp_path)[1] == [(2, b"delivery"), (1, big[0]), (1, big[1])]
