@@ -53,7 +53,7 @@ BLOCK = 4096
 _MIN_RECORD = HEADER.size + 1
 DIRECT_MIN_BYTES = 64 << 10
 """Direct mode: smaller sync points (e.g. delivery and version records alone) are written buffered and
-not padded, so padding costs at most BLOCK per DIRECT_MIN_BYTES of log."""
+not padded, so padding costs at most BLOCK + 8 bytes per DIRECT_MIN_BYTES of log."""
 _STAGE_BYTES = 8 << 20
 """Aligned staging buffer of direct writes: a sync point is written in pieces of at most this."""
 _ZEROS = bytes(BLOCK + _MIN_RECORD)
@@ -66,7 +66,7 @@ class LogCorruptError(UserError):
 
 
 class _DirectRefused(Exception):
-    """The filesystem refused O_DIRECT (EINVAL opening the segment or at the point's first write)."""
+    """The filesystem refused O_DIRECT (EINVAL opening a segment or at the log's first direct write)."""
 
     def __init__(self, error: OSError):
         super().__init__(str(error))
@@ -374,7 +374,7 @@ class SegmentLog:
                 try:
                     self._write(point)
                 except OSError as e:
-                    self._failed = e
+                    self._failed = OSError(e.errno, str(e))  # no traceback: it would keep the point alive
                     raise
             if self._fd is not None and self._fd_segment == point.segment:
                 if point.seal:  # no overlap across a segment boundary: fsync, seal, then the next point

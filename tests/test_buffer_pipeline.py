@@ -5,6 +5,7 @@ every point ends on a block boundary and the padding never reaches the reader.""
 
 import errno
 import logging
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,12 +15,18 @@ from buffer.segment_log import BLOCK, DIRECT_MIN_BYTES, SegmentLog
 
 
 def _direct_io_supported(path) -> bool:
+    """This filesystem opens and writes a block with O_DIRECT."""
     try:
         fd = os.open(path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
     except OSError:
         return False
-    os.close(fd)
-    os.unlink(path / "probe")
+    try:
+        os.pwrite(fd, mmap.mmap(-1, BLOCK), 0)  # page-aligned
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path / "probe")
     return True
 
 
@@ -63,6 +70,7 @@ def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeyp
             f.result()
     log.close()
     assert len(log.segments()) > 3 and all(p.suffix == ".seg" for _, p in log.segments()[:-1])
+    assert log._stage is None  # the staging buffer goes with close
     if direct:
         assert log.direct and len(pieces) >= 15  # every point went past the page cache
         assert all(off % BLOCK == 0 and n % BLOCK == 0 for off, n in pieces)
@@ -153,8 +161,9 @@ def test_direct_padding_of_every_small_gap(tmp_path, gap, direct_always):
     assert _replayed(tmp_path)[1] == [(1, body), (2, b"next")]
 
 
-def _pwrite_fake(monkeypatch, fail_at: int, error: "OSError | None"):
-    """Fake os.pwrite: the `fail_at`-th call (0-based) raises `error`, or (error None) writes only half."""
+def _pwrite_fake(monkeypatch, fail_at: int, error: "OSError | None") -> list:
+    """Fake os.pwrite: the `fail_at`-th call (0-based) raises `error`, or (error None) writes only the
+    first half (whole blocks when the data is an even number of blocks). Returns the call counter."""
     real = os.pwrite
     calls = [0]
 
@@ -168,6 +177,7 @@ def _pwrite_fake(monkeypatch, fail_at: int, error: "OSError | None"):
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite_fake)
+    return calls
 
 
 def _three_points(log):
@@ -183,30 +193,34 @@ def _three_points(log):
 def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch, direct_always):
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
-    monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)  # each point in several pieces
-    _pwrite_fake(monkeypatch, fail_at=3, error=None)  # the 2nd point's 2nd piece stops halfway
+    monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", 2 * BLOCK)  # each point one piece of 2 blocks
+    calls = _pwrite_fake(monkeypatch, fail_at=1, error=None)  # the 2nd point: one block of two goes out
     log = SegmentLog(tmp_path, fsync=True, direct=True)
     log.deferred = True
     want = _three_points(log)
     log.close()
+    assert calls[0] == 3  # three direct writes: the short one was not retried direct
     assert log.direct  # a short write is not a refusal
     log2, got = _replayed(tmp_path)
     assert got == want and log2.tail is None
 
 
-def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch, direct_always):
+@pytest.mark.parametrize("error", [errno.EIO, errno.EINVAL])
+def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch, direct_always, error):
+    """After a direct write succeeded, any error (EINVAL too) fails the log; direct mode stays on."""
     if not _direct_io_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)
-    _pwrite_fake(monkeypatch, fail_at=3, error=OSError(errno.EIO, "Input/output error"))
+    _pwrite_fake(monkeypatch, fail_at=3, error=OSError(error, os.strerror(error)))
     log = SegmentLog(tmp_path, fsync=True, direct=True)
     log.deferred = True
     body = b"a" * 6000
     log.append([(1, [body])])
     log.run_sync(log.begin_sync())  # pieces 0 and 1
     log.append([(1, [b"b" * 9000])])
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(OSError, match=os.strerror(error)):
         log.run_sync(log.begin_sync())  # piece 2 written, piece 3 fails: cut back to the point's start
+    assert log.direct
     (seg,) = [p for _, p in log.segments()]
     assert seg.stat().st_size == 2 * BLOCK
     log2, got = _replayed(tmp_path)
@@ -232,3 +246,18 @@ def test_small_points_are_written_buffered_without_padding(tmp_path, monkeypatch
     assert pieces and seg.stat().st_size % BLOCK == 0
     log.close()
     assert _replayed(tmp_path)[1] == [(2, b"delivery"), (1, big[0]), (1, big[1])]
+
+
+def test_einval_on_the_first_direct_write_is_a_refusal(tmp_path, monkeypatch, caplog, direct_always):
+    """A filesystem that opens O_DIRECT but refuses the first write: buffered from then on, nothing lost."""
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    calls = _pwrite_fake(monkeypatch, fail_at=0, error=OSError(errno.EINVAL, "Invalid argument"))
+    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log.deferred = True
+    with caplog.at_level(logging.WARNING, logger="buffer.log"):
+        want = _three_points(log)
+    log.close()
+    assert calls[0] == 1 and not log.direct and "direct I/O refused" in caplog.text
+    log2, got = _replayed(tmp_path)
+    assert got == want and log2.tail is None
