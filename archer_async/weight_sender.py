@@ -151,6 +151,8 @@ class WeightSender:
                 ctl.set(f"{nonce}/abort", reason)
                 # wake the receivers where they are blocked: on their go key, or on the next bucket header
                 if self._headers == 0:
+                    if not self._reqs:  # failed before the announcement read the requests
+                        self._take_requests(version, keys)
                     if self._reqs:
                         ctl.store.multi_set([ctl.PREFIX + f"go/{q}" for q in self._reqs.values()],
                                             [json.dumps({"abort": reason})] * len(self._reqs))
@@ -173,6 +175,16 @@ class WeightSender:
         self._stale = [k for k in keys if k.startswith(f"{nonce}/b")]
         stats["seconds"] = time.monotonic() - t0
         return stats
+
+    def _take_requests(self, version: int, keys: list) -> None:
+        """The requests for `version` already in the store, taken as this update's (so that a failure
+        before the announcement still answers their receivers, with the abort)."""
+        want = [f"want/{version}/{r}" for r in range(1, self.init.world_size)]
+        present = [k for k in want if self._ctl.has(k)]
+        if present:
+            self._want = present
+            self._reqs = {int(k.rsplit("/", 1)[1]): a["req"] for k, a in zip(present, self._ctl.get_many(present))}
+            keys.extend(f"go/{q}" for q in self._reqs.values())
 
     def _cleanup(self) -> None:
         """Delete what is left of the previous update's keys (run while a broadcast is in flight)."""

@@ -166,6 +166,35 @@ def test_sender_holds_at_most_one_bucket():
     assert [float(t[0]) for _, t in outs[0]["got"][0]] == [float(i) for i in range(40)]
 
 
+@pytest.mark.parametrize("bad", ["not_a_tensor", "repeated_name"])
+@pytest.mark.parametrize("where", [1, 9])  # in the first bucket (before the announcement), in the third
+def test_bad_weight_fails_the_update_and_aborts_the_waiting_receivers(bad, where):
+    init = make_sync_init(num_actors=2, timeout_s=60)
+    sender = WeightSender(init)
+    outs, threads = _start(init, [1, 2], 0)
+    sender.connect()
+    deadline = time.monotonic() + 30
+    while not all(sender._ctl.has(f"want/0/{r}") for r in (1, 2)):  # both receivers asked for version 0
+        assert time.monotonic() < deadline, "receivers never asked for version 0"
+        time.sleep(0.01)
+
+    def gen():
+        for i in range(12):
+            if i == where:
+                yield (f"w{i}", [1.0]) if bad == "not_a_tensor" else (f"w{i - 1}", torch.zeros(256))
+            else:
+                yield f"w{i}", torch.full((256,), float(i))  # 1 KiB: four per 4 KiB bucket
+
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match="not a tensor" if bad == "not_a_tensor" else "sent twice"):
+        sender.send(gen(), version=0, bucket_bytes=4096)
+    for th in threads:
+        th.join(20)
+    assert time.monotonic() - t0 < 20, "receivers waited for their own deadline (60 s)"
+    for out in outs:
+        assert isinstance(out.get("error"), WeightSyncError) and "abort" in str(out["error"]), out.get("error")
+
+
 def test_version_mismatch_fails_loudly_on_both_sides():
     init = make_sync_init(num_actors=1, timeout_s=2)
     sender = WeightSender(init)
