@@ -164,6 +164,14 @@ def scan_buffer(data: memoryview) -> tuple[list[tuple[int, memoryview, int, int]
     return out, pos, reason
 
 
+def _frames(records: list) -> Iterator:
+    """The bytes of queued records in file order: each record's header (framed at append in deferred
+    mode, else now), then its body parts."""
+    for rec in records:
+        yield rec[2] if len(rec) > 2 else frame_header(rec[0], rec[1])
+        yield from rec[1]
+
+
 def _write_all(fd: int, bufs: list) -> None:
     """writev everything in `bufs` (handles short writes and IOV_MAX)."""
     i = 0
@@ -424,12 +432,8 @@ class SegmentLog:
             except OSError:
                 os.ftruncate(self._fd, point.start)
                 raise
-        bufs = []
-        for rec in point.records:
-            bufs.append(rec[2] if len(rec) > 2 else frame_header(rec[0], rec[1]))
-            bufs.extend(rec[1])
         try:
-            _write_all(self._fd, bufs)
+            _write_all(self._fd, list(_frames(point.records)))
         except OSError:
             os.ftruncate(self._fd, point.start)
             raise
@@ -451,16 +455,15 @@ class SegmentLog:
         if self._stage is None:
             self._stage = mmap.mmap(-1, _STAGE_BYTES)
         stage, used, offset = memoryview(self._stage), 0, point.start
-        for rec in point.records:
-            for part in [rec[2] if len(rec) > 2 else frame_header(rec[0], rec[1])] + list(rec[1]):
-                part = memoryview(part).cast("B")
-                while len(part):
-                    if used == _STAGE_BYTES:
-                        offset += self._pwrite_all(stage, offset)
-                        used = 0
-                    k = min(len(part), _STAGE_BYTES - used)
-                    stage[used:used + k] = part[:k]
-                    used, part = used + k, part[k:]
+        for part in _frames(point.records):
+            part = memoryview(part).cast("B")
+            while len(part):
+                if used == _STAGE_BYTES:
+                    offset += self._pwrite_all(stage, offset)
+                    used = 0
+                k = min(len(part), _STAGE_BYTES - used)
+                stage[used:used + k] = part[:k]
+                used, part = used + k, part[k:]
         if used:
             offset += self._pwrite_all(stage[:used], offset)
         assert offset == point.size, (offset, point)
