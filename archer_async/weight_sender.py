@@ -179,12 +179,17 @@ class WeightSender:
     def _take_requests(self, version: int, keys: list) -> None:
         """The requests for `version` already in the store, taken as this update's (so that a failure
         before the announcement still answers their receivers, with the abort)."""
-        want = [f"want/{version}/{r}" for r in range(1, self.init.world_size)]
-        present = [k for k in want if self._ctl.has(k)]
+        want = {r: f"want/{version}/{r}" for r in range(1, self.init.world_size)}
+        present = [r for r, k in want.items() if self._ctl.has(k)]
         if present:
-            self._want = present
-            self._reqs = {int(k.rsplit("/", 1)[1]): a["req"] for k, a in zip(present, self._ctl.get_many(present))}
-            keys.extend(f"go/{q}" for q in self._reqs.values())
+            self._want = [want[r] for r in present]
+            self._take(dict(zip(present, self._ctl.get_many(self._want))), keys)
+
+    def _take(self, asks: dict, keys: list) -> None:
+        """Answer these requests in this update (receiver rank -> its want/<v>/<r> value): their go
+        keys become this update's."""
+        self._reqs = {r: a["req"] for r, a in asks.items()}
+        keys.extend(f"go/{q}" for q in self._reqs.values())
 
     def _cleanup(self) -> None:
         """Delete what is left of the previous update's keys (run while a broadcast is in flight)."""
@@ -238,13 +243,11 @@ class WeightSender:
         asks, absent = ctl.get_all(want, deadline)
         if absent:
             present = [r for r, k in zip(ranks, want) if k not in absent]
-            self._reqs = {r: a["req"] for r, a in zip(present, ctl.get_many([want[r - 1] for r in present]))}
-            keys.extend(f"go/{q}" for q in self._reqs.values())
+            self._take(dict(zip(present, ctl.get_many([want[r - 1] for r in present]))), keys)
             raise WeightSyncError(f"receivers {[r for r, k in zip(ranks, want) if k in absent]} "
                                   f"not ready for version {version}")
         asks = dict(zip(ranks, asks))
-        self._reqs = {r: a["req"] for r, a in asks.items()}
-        keys.extend(f"go/{q}" for q in self._reqs.values())
+        self._take(asks, keys)
         reports = {r: a["prev"] for r, a in asks.items() if a.get("prev")}
         if reports:
             log.warning("weight receivers reported failures after acknowledging an earlier update: %s", reports)
