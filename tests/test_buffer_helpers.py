@@ -11,6 +11,7 @@ from pathlib import Path
 
 from archer_async import wire
 from archer_async.types import Reward, Sample, TrajectoryGroup, encode_group
+from buffer.segment_log import SegmentLog
 from buffer.store import group_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +24,12 @@ def make_group(i, version=0, rewards=("pass", "fail"), actor="a", tokens=3) -> T
                       finish_reason="stop", reward=Reward(r)) for j, r in enumerate(rewards)]
     return TrajectoryGroup(group_id=f"{actor}-g{i}", prompt_index=i, data_source="tiny",
                            prompt_ids=[1, 2, 3], samples=samples, actor_id=actor, created_at=time.time())
+
+
+def replay_log(path, **kw):
+    """(SegmentLog reopened at `path`, its records as [(type, body bytes)]) after a full replay."""
+    log = SegmentLog(path, **kw)
+    return log, [(t, bytes(b)) for t, b, _ in log.replay()]
 
 
 def payload_meta(g: TrajectoryGroup):

@@ -8,17 +8,11 @@ import pytest
 from archer_async.config import BufferConfig
 from buffer.segment_log import LogCorruptError, SegmentLog
 from buffer.store import BufferStore
-from tests.test_buffer_helpers import make_group, payload_meta
+from tests.test_buffer_helpers import make_group, payload_meta, replay_log
 
 
 def _records(n, rng):
     return [(1 + i % 3, [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))]) for i in range(n)]
-
-
-def _replay(path, **kw):
-    log = SegmentLog(path, **kw)
-    out = [(t, bytes(b)) for t, b, _ in log.replay()]
-    return log, out
 
 
 def test_append_replay_roundtrip_and_sealing(tmp_path):
@@ -32,7 +26,7 @@ def test_append_replay_roundtrip_and_sealing(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert sum(n.endswith(".seg") for n in names) >= 3  # sealed by size
     assert sum(n.endswith(".open") for n in names) <= 1
-    log2, got = _replay(tmp_path)
+    log2, got = replay_log(tmp_path)
     assert got == [(t, b"".join(p)) for t, p in recs]
     assert log2.tail is None
     locs = log2.append([(2, [b"after"])])
@@ -57,7 +51,7 @@ def test_torn_last_record_every_offset(tmp_path, garbage):
         d = tmp_path / f"c{cut}"
         d.mkdir()
         (d / seg.name).write_bytes(data[:cut] + garbage)
-        log2, got = _replay(d)
+        log2, got = replay_log(d)
         assert got == expect, cut
         if cut > last.offset or garbage:
             assert log2.tail is not None and log2.tail.valid_bytes == last.offset
@@ -65,7 +59,7 @@ def test_torn_last_record_every_offset(tmp_path, garbage):
         # the log stays usable: a new record goes right after the committed prefix
         log2.append([(3, [b"new"])])
         log2.close()
-        _, again = _replay(d)
+        _, again = replay_log(d)
         assert again == expect + [(3, b"new")]
 
 
@@ -76,7 +70,7 @@ def test_garbage_after_complete_log_is_cut(tmp_path):
     (seg,) = list(tmp_path.iterdir())
     with open(seg, "ab") as f:
         f.write(os.urandom(100))
-    log2, got = _replay(tmp_path)
+    log2, got = replay_log(tmp_path)
     assert got == [(1, b"a"), (2, b"bb")] and log2.tail.truncated_bytes == 100
 
 
@@ -92,7 +86,7 @@ def test_corrupt_sealed_segment_is_loud(tmp_path):
     raw[12] ^= 0xFF
     sealed.write_bytes(bytes(raw))
     with pytest.raises(LogCorruptError):
-        _replay(tmp_path)
+        replay_log(tmp_path)
 
 
 def test_store_torn_group_record_yields_committed_groups(tmp_path):
@@ -122,13 +116,13 @@ def test_legacy_crc32_records_replay_and_sync_drops_page_cache(tmp_path):
         tb = bytes([rtype]) + body
         old += HEADER.pack(len(tb), zlib.crc32(tb)) + tb
     (tmp_path / "00000001.open").write_bytes(old + b"\x05\x00\x00\x00torn")
-    log, got = _replay(tmp_path, fsync=True)
+    log, got = replay_log(tmp_path, fsync=True)
     assert got == [(1, b"old-one"), (2, b"old-two")] and log.tail.truncated_bytes == 8
     log.append([(3, [b"new-", b"format"])])
     log.sync()
     assert log._dropped == log._size  # synced pages handed back to the kernel
     log.close()
-    _, again = _replay(tmp_path)
+    _, again = replay_log(tmp_path)
     assert again == [(1, b"old-one"), (2, b"old-two"), (3, b"new-format")]
 
 

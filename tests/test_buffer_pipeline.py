@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from buffer.segment_log import BLOCK, DIRECT_MIN_BYTES, SegmentLog
+from tests.test_buffer_helpers import replay_log
 
 
 def _direct_io_supported(path) -> bool:
@@ -28,6 +29,14 @@ def _direct_io_supported(path) -> bool:
         os.close(fd)
         os.unlink(path / "probe")
     return True
+
+
+@pytest.fixture
+def direct_tmp(tmp_path):
+    """tmp_path on a filesystem that takes O_DIRECT writes (skips the test where it does not)."""
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("the filesystem of the test's temporary directory refuses O_DIRECT")
+    return tmp_path
 
 
 @pytest.fixture
@@ -52,7 +61,7 @@ def _count_direct_writes(monkeypatch) -> list:
 @pytest.mark.parametrize("direct", [False, True])
 def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch, direct_always):
     if direct and not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
+        pytest.skip("the filesystem of the test's temporary directory refuses O_DIRECT")
     pieces = _count_direct_writes(monkeypatch)
     # direct: every point is padded to 4 KiB, so segments hold several points only when larger
     log = SegmentLog(tmp_path, segment_bytes=12_000 if direct else 2000, fsync=True, direct=direct)
@@ -82,15 +91,8 @@ def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeyp
     assert got == want and log2.tail is None
 
 
-def _replayed(path):
-    log = SegmentLog(path, fsync=True)
-    return log, [(t, bytes(b)) for t, b, _ in log.replay()]
-
-
-def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path, direct_always):
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(direct_tmp, direct_always):
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.append([(1, [b"immediate"])])  # immediate mode: the segment ends unaligned
     log.sync()
     log.deferred = True
@@ -105,13 +107,13 @@ def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path, direct_
     want = [(1, b"immediate"), (2, b"x" * 5000), (3, b"y" * 3000 + b"z")]
     (seg,) = [p for _, p in log.segments()]
     assert seg.stat().st_size % BLOCK == 0
-    log2, got = _replayed(tmp_path)
+    log2, got = replay_log(direct_tmp)
     assert got == want and log2.tail is None
     log2.close()
     # a crash inside the last padding record: the tail is cut back to the last real record
     end = loc.offset + loc.size
     os.truncate(seg, seg.stat().st_size - 10)
-    log3, got = _replayed(tmp_path)
+    log3, got = replay_log(direct_tmp)
     assert got == want and log3.tail.valid_bytes == end and seg.stat().st_size == end
     log3.deferred = True  # the repaired, unaligned log keeps going
     log3.append([(1, [b"after"])])
@@ -119,7 +121,7 @@ def test_direct_log_after_an_unaligned_tail_and_a_torn_padding(tmp_path, direct_
     log3.append([(2, [b"later"])])
     log3.run_sync(log3.begin_sync())
     log3.close()
-    assert _replayed(tmp_path)[1] == want + [(1, b"after"), (2, b"later")]
+    assert replay_log(direct_tmp)[1] == want + [(1, b"after"), (2, b"later")]
 
 
 def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, caplog, direct_always):
@@ -141,15 +143,13 @@ def test_direct_io_refused_writes_buffered_and_says_so(tmp_path, monkeypatch, ca
             log.run_sync(log.begin_sync())
     log.close()
     assert not log.direct and "direct I/O refused" in caplog.text
-    assert _replayed(tmp_path)[1] == want
+    assert replay_log(tmp_path)[1] == want
 
 
 @pytest.mark.parametrize("gap", list(range(0, 20)) + [BLOCK - 9, BLOCK - 1])
-def test_direct_padding_of_every_small_gap(tmp_path, gap, direct_always):
+def test_direct_padding_of_every_small_gap(direct_tmp, gap, direct_always):
     """A gap shorter than a record header is padded into the next block (and replay skips the pad)."""
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.deferred = True
     body = b"g" * (2 * BLOCK - gap - 9)  # header 9 bytes: the point ends `gap` bytes before a boundary
     log.append([(1, [body])])
@@ -158,7 +158,7 @@ def test_direct_padding_of_every_small_gap(tmp_path, gap, direct_always):
     log.run_sync(log.begin_sync())
     assert loc.offset % BLOCK == 0 and loc.offset >= 2 * BLOCK and log.read(loc) == (2, b"next")
     log.close()
-    assert _replayed(tmp_path)[1] == [(1, body), (2, b"next")]
+    assert replay_log(direct_tmp)[1] == [(1, body), (2, b"next")]
 
 
 def _pwrite_fake(monkeypatch, fail_at: int, error: "OSError | None") -> list:
@@ -190,29 +190,25 @@ def _three_points(log):
     return want
 
 
-def test_short_direct_write_is_written_again_buffered(tmp_path, monkeypatch, direct_always):
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
+def test_short_direct_write_is_written_again_buffered(direct_tmp, monkeypatch, direct_always):
     monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", 2 * BLOCK)  # each point one piece of 2 blocks
     calls = _pwrite_fake(monkeypatch, fail_at=1, error=None)  # the 2nd point: one block of two goes out
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.deferred = True
     want = _three_points(log)
     log.close()
     assert calls[0] == 3  # three direct writes: the short one was not retried direct
     assert log.direct  # a short write is not a refusal
-    log2, got = _replayed(tmp_path)
+    log2, got = replay_log(direct_tmp)
     assert got == want and log2.tail is None
 
 
 @pytest.mark.parametrize("error", [errno.EIO, errno.EINVAL])
-def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch, direct_always, error):
+def test_failed_direct_write_leaves_no_partial_record(direct_tmp, monkeypatch, direct_always, error):
     """After a direct write succeeded, any error (EINVAL too) fails the log; direct mode stays on."""
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr("buffer.segment_log._STAGE_BYTES", BLOCK)
     _pwrite_fake(monkeypatch, fail_at=3, error=OSError(error, os.strerror(error)))
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.deferred = True
     body = b"a" * 6000
     log.append([(1, [body])])
@@ -223,15 +219,13 @@ def test_failed_direct_write_leaves_no_partial_record(tmp_path, monkeypatch, dir
     assert log.direct
     (seg,) = [p for _, p in log.segments()]
     assert seg.stat().st_size == 2 * BLOCK
-    log2, got = _replayed(tmp_path)
+    log2, got = replay_log(direct_tmp)
     assert got == [(1, body)] and log2.tail is None
 
 
-def test_small_points_are_written_buffered_without_padding(tmp_path, monkeypatch):
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
+def test_small_points_are_written_buffered_without_padding(direct_tmp, monkeypatch):
     pieces = _count_direct_writes(monkeypatch)
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.deferred = True
     small = log.append([(2, [b"delivery"])])[0]
     log.run_sync(log.begin_sync())
@@ -245,19 +239,17 @@ def test_small_points_are_written_buffered_without_padding(tmp_path, monkeypatch
     log.run_sync(log.begin_sync())
     assert pieces and seg.stat().st_size % BLOCK == 0
     log.close()
-    assert _replayed(tmp_path)[1] == [(2, b"delivery"), (1, big[0]), (1, big[1])]
+    assert replay_log(direct_tmp)[1] == [(2, b"delivery"), (1, big[0]), (1, big[1])]
 
 
-def test_einval_on_the_first_direct_write_is_a_refusal(tmp_path, monkeypatch, caplog, direct_always):
+def test_einval_on_the_first_direct_write_is_a_refusal(direct_tmp, monkeypatch, caplog, direct_always):
     """A filesystem that opens O_DIRECT but refuses the first write: buffered from then on, nothing lost."""
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
     calls = _pwrite_fake(monkeypatch, fail_at=0, error=OSError(errno.EINVAL, "Invalid argument"))
-    log = SegmentLog(tmp_path, fsync=True, direct=True)
+    log = SegmentLog(direct_tmp, fsync=True, direct=True)
     log.deferred = True
     with caplog.at_level(logging.WARNING, logger="buffer.log"):
         want = _three_points(log)
     log.close()
     assert calls[0] == 1 and not log.direct and "direct I/O refused" in caplog.text
-    log2, got = _replayed(tmp_path)
+    log2, got = replay_log(direct_tmp)
     assert got == want and log2.tail is None
