@@ -135,10 +135,19 @@ def chunk_bounds(header: dict, chunk_bytes: int) -> list[tuple[int, int]]:
 class _ChunkPacker:
     """Fills one chunk [start, end) of a bucket at a time, in order: a view of the source tensor when a
     single contiguous CPU tensor covers the whole chunk (no copy), else a copy of the overlapping
-    byte ranges into `flat` (uint8 [nbytes])."""
+    byte ranges into `flat` (uint8 [nbytes]): one `torch.cat` of them and of zeros for the alignment
+    gaps (per-tensor copies cost ~0.6 ms for the tiny model's 38 tensors, the cat ~0.5 ms, of which
+    ~0.3 ms is the 3.4 MB memcpy itself)."""
 
     def __init__(self, sources: list[tuple[int, int, torch.Tensor]], flat: torch.Tensor):
         self.sources, self.flat, self.i = sources, flat, 0
+        self._pad: Optional[torch.Tensor] = None  # zeros for the alignment gaps between tensors
+
+    def _gap(self, n: int) -> torch.Tensor:
+        """uint8 [n] of zeros (the bytes of a chunk that no tensor covers)."""
+        if self._pad is None or self._pad.numel() < n:
+            self._pad = torch.zeros(max(n, ALIGN_BYTES), dtype=torch.uint8, device=self.flat.device)
+        return self._pad[:n]
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
         src = self.sources
@@ -148,14 +157,29 @@ class _ChunkPacker:
             o, n, v = src[self.i]
             if o <= start and o + n >= end and v.device == self.flat.device:
                 return v[start - o:end - o]
-        j = self.i
+        pieces, j = [], self.i  # (lo, hi, bytes of [lo, hi)) of the tensors overlapping [start, end)
         while j < len(src) and src[j][0] < end:
             o, n, v = src[j]
             lo, hi = max(o, start), min(o + n, end)
-            if hi > lo:
-                self.flat[lo:hi].copy_(v[lo - o:hi - o])
+            pieces.append((lo, hi, v if hi - lo == n else v[lo - o:hi - o]))
             j += 1
-        return self.flat[start:end]
+        out = self.flat[start:end]
+        if any(v.device != out.device for _, _, v in pieces):  # e.g. CUDA weights into a CPU buffer
+            for lo, hi, v in pieces:
+                self.flat[lo:hi].copy_(v)
+            return out
+        # one cat over the pieces and the gaps between them (a copy_ per tensor costs a few microseconds
+        # of dispatch each, as much as copying the bytes of a small tensor)
+        parts, pos = [], start
+        for lo, hi, v in pieces:
+            if lo > pos:
+                parts.append(self._gap(lo - pos))
+            parts.append(v)
+            pos = hi
+        if end > pos:
+            parts.append(self._gap(end - pos))
+        torch.cat(parts, out=out)
+        return out
 
 
 def pack_bucket(tensors: list[tuple[str, torch.Tensor]], device: torch.device,

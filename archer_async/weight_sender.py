@@ -131,6 +131,9 @@ class WeightSender:
         self._headers = 0  # bucket headers published so far (the next one is where receivers wait)
         self._reqs = {}  # receiver rank -> its request id for this update (read from want/<v>/<r>)
         try:
+            # one-way (the store sends no reply): names the coming version for the receivers' error messages,
+            # and wakes the store's server thread before this update's first round trip
+            ctl.set("latest", {"version": int(version), "nonce": nonce})
             for bucket, last in split_buckets(_checked(named_tensors), bucket_bytes):
                 self._send_bucket(nonce, version, bucket, last, deadline, stats, keys)
                 bucket.clear()  # its tensors go before the next bucket is gathered: one bucket alive at a time
@@ -220,12 +223,10 @@ class WeightSender:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]
 
-    def _announce(self, nonce: str, version: int, header: dict, deadline: float, stats: dict, keys: list,
-                  while_waiting=None) -> None:
+    def _announce(self, nonce: str, version: int, header: dict, deadline: float, stats: dict, keys: list) -> None:
         """Wait until every receiver asked for `version` (want/<v>/<r>, usually there already), choose the
         gloo group, and answer every request (go/<req>) with the nonce and the first bucket's header.
         The consumed requests (self._want) are deleted once the data flows (`_cleanup`).
-        `while_waiting()` runs when the requests are not all there yet (the sender packs meanwhile).
 
         The group of the last update is kept when reuse is on and every receiver still holds it;
         otherwise a fresh one is named after this update's nonce (created on both sides right after
@@ -234,12 +235,6 @@ class WeightSender:
         ranks = list(range(1, self.init.world_size))
         want = [f"want/{version}/{r}" for r in ranks]
         self._want = want
-        latest = {"version": int(version), "nonce": nonce}  # for the receivers' error messages
-        if not ctl.store.check([ctl.PREFIX + k for k in want]):
-            # receivers not there yet: say which version is coming, use the wait, then wait for them
-            ctl.set("latest", latest)
-            if while_waiting is not None:
-                while_waiting()
         asks, absent = ctl.get_all(want, deadline)
         if absent:
             present = [r for r, k in zip(ranks, want) if k not in absent]
@@ -261,8 +256,7 @@ class WeightSender:
                 stats["new_group"] = True
             group = self._group_id
         go = json.dumps({"nonce": nonce, "header": dict(header, group=group)})
-        ctl.store.multi_set([ctl.PREFIX + f"go/{self._reqs[r]}" for r in ranks] + [ctl.PREFIX + "latest"],
-                            [go] * len(ranks) + [json.dumps(latest)])
+        ctl.store.multi_set([ctl.PREFIX + f"go/{self._reqs[r]}" for r in ranks], [go] * len(ranks))
 
     def _send_bucket(self, nonce: str, version: int, bucket: list, last: bool, deadline: float,
                      stats: dict, keys: list) -> None:
@@ -274,14 +268,12 @@ class WeightSender:
         k = stats["num_buckets"]
         nbytes = header["nbytes"]
         packer = bounds = None
-        early: dict = {}  # chunk 0, when packed while waiting for the receivers' requests
         if nbytes and gloo:
             buf = self._buffer(nbytes) if self.device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8)
             packer = _ChunkPacker(_byte_sources(bucket, header["offsets"]), buf)
             bounds = chunk_bounds(header, header["chunk"])
         if k == 0:  # announced before packing: the receivers wake up while the sender packs
-            self._announce(nonce, version, header, deadline, stats, keys,
-                           while_waiting=(lambda: early.setdefault(0, packer.chunk(*bounds[0]))) if packer else None)
+            self._announce(nonce, version, header, deadline, stats, keys)
         else:
             self._ctl.set(f"{nonce}/b{k}", header)
             keys.append(f"{nonce}/b{k}")
@@ -289,10 +281,9 @@ class WeightSender:
         if gloo and self._pg is None:  # receivers create their end after reading the announcement
             self._pg = _gloo_group(self._ctl, self._group_id, 0, self.init.world_size, deadline)
         if packer is not None:
-            _gloo_broadcast_chunks(self._pg, bounds,
-                                   lambda s, e: early.pop(0) if s == 0 and early else packer.chunk(s, e),
-                                   deadline, after_first=self._cleanup if k == 0 else None)
-            del packer, early
+            _gloo_broadcast_chunks(self._pg, bounds, packer.chunk, deadline,
+                                   after_first=self._cleanup if k == 0 else None)
+            del packer
         elif nbytes:
             _, flat = pack_bucket(bucket, self.device)
             _nccl_broadcast(self._nccl, flat)

@@ -29,10 +29,12 @@ One update, version v (key names under the store's prefix):
 
     receivers (when they start waiting, usually before the sender):
              set want/v/r = {"req": id, "group": id | null, "prev": consumer failure of the last update | absent}
-    sender:  lay out bucket 0 (names, dtypes, shapes, offsets, bytes, chunk size; no copy yet)
-             wait want/v/r for all r (one blocking multi_get; if they are not all there yet, set
-             "latest" for the receivers' error messages and pack chunk 0 meanwhile)
-             set go/<req> for every request + "latest", one multi_set = {nonce, header of bucket 0, gloo group}
+    sender:  set "latest" = {version, nonce} (one-way: for the receivers' error messages; it also wakes
+             the store's server thread, which answers the next call in 15-20 us instead of 70-200 us
+             after ~20 ms idle)
+             lay out bucket 0 (names, dtypes, shapes, offsets, bytes, chunk size; no copy yet)
+             wait want/v/r for all r (one blocking multi_get)
+             set go/<req> for every request, one multi_set = {nonce, header of bucket 0, gloo group}
                                                            ->  receivers: wake on go/<req>
              broadcast bucket 0 in chunks (gloo: `chunk_bounds`, <= 2 in flight, chunk k+1 packed while
              chunk k travels; chunks follow tensor boundaries, and a tensor of >= 4 MB travels in

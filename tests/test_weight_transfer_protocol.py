@@ -103,6 +103,28 @@ def test_chunk_bounds_follow_tensors_and_big_tensors_go_uncopied():
     assert chunk_bounds(header, 0) == [(0, header["nbytes"])]
 
 
+def test_packer_fills_any_byte_range_like_pack_bucket():
+    """Chunks cutting tensors anywhere (and spanning alignment gaps) hold the bytes pack_bucket lays out,
+    and zeros where no tensor is."""
+    from archer_async.weight_buckets import _byte_sources, _ChunkPacker, bucket_layout, pack_bucket
+
+    ws = _mixed(1)
+    header = bucket_layout(ws)
+    _, ref = pack_bucket(ws, torch.device("cpu"))
+    covered = torch.zeros(header["nbytes"], dtype=torch.bool)
+    for o, n, _ in _byte_sources(ws, header["offsets"]):
+        covered[o:o + n] = True
+    assert not covered.all()  # the layout has gaps, so the zero fill is exercised
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        cuts = sorted({0, header["nbytes"], *torch.randint(1, header["nbytes"], (4,), generator=g).tolist()})
+        flat = torch.full((header["nbytes"],), 0xAB, dtype=torch.uint8)
+        packer = _ChunkPacker(_byte_sources(ws, header["offsets"]), flat)
+        got = torch.cat([packer.chunk(s, e).clone() for s, e in zip(cuts, cuts[1:])])
+        assert torch.equal(got[covered], ref[covered])
+        assert not got[~covered].any()
+
+
 def test_small_chunks_with_big_tensors_arrive_bit_identical():
     init = make_sync_init(num_actors=1, timeout_s=20)
     sender = WeightSender(init, chunk_bytes=1024)
@@ -206,7 +228,8 @@ def test_version_mismatch_fails_loudly_on_both_sides():
     assert time.monotonic() - t0 < 6
     threads[0].join(10)
     assert isinstance(outs[0].get("error"), WeightSyncError)
-    assert "version 5" in str(outs[0]["error"])
+    err = str(outs[0]["error"])  # names what it waited for and what the sender announced
+    assert "never announced version 5" in err and "latest announced update is version 6" in err, err
 
 
 def test_connect_deadline_names_missing_receiver():
@@ -318,3 +341,4 @@ def test_receive_buffer_is_reused_only_when_no_tensor_from_it_is_alive():
     want3 = dict(_weights(seed=3))
     for n, t in box["got3"]:
         assert torch.equal(t, want3[n]), n
+
