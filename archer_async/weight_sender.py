@@ -148,8 +148,12 @@ class WeightSender:
                 raise WeightSyncError(f"receivers failed version {version}: {bad}")
         except Exception as e:
             self._drop_group()  # a failed update never leaves its group (and its half-done collective) behind
-            traceback.clear_frames(e.__traceback__)  # frames of the failed broadcast hold the group: free it now,
-            reason = f"{type(e).__name__}: {e}"      # so receivers inside that broadcast fail at once
+            # frames of the failed broadcast hold the group and its buffers: free them now. (A receiver still
+            # inside one of its broadcasts is not woken by that: gloo fails a peer's pending operation only
+            # at that operation's own timeout, the receiver's deadline. Receivers waiting on the store are
+            # woken below.)
+            traceback.clear_frames(e.__traceback__)
+            reason = f"{type(e).__name__}: {e}"
             try:
                 ctl.set(f"{nonce}/abort", reason)
                 # wake the receivers where they are blocked: on their go key, or on the next bucket header

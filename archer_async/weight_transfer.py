@@ -45,8 +45,10 @@ One update, version v (key names under the store's prefix):
                                                    ("ok" as soon as the last bucket's bytes are in,
                                                     before its tensors are yielded)
              (on any failure: set <nonce>/abort = reason and wake the receivers where they block:
-              go/<req> or <nonce>/b<next> = {"abort": reason}; they raise at once, and the sender's
-              error names the receivers that did not answer and quotes those that did)
+              go/<req> or <nonce>/b<next> = {"abort": reason}; they raise at once (one inside a
+              broadcast that will not complete raises at its deadline: dropping a gloo group does not
+              fail its peers' pending operations), and the sender's error names the receivers that did
+              not answer and quotes those that did)
 
 So an update costs one wake-up before the data and one after it (the acknowledgement), like a
 broadcast followed by a barrier. Store keys are deleted off that path: each receiver deletes its
