@@ -98,7 +98,7 @@ class WeightReceiver:
                     pass
                 raise WeightSyncError(
                     f"rank {rank}: the sender never announced version {version} within the deadline"
-                    + (f" (its latest announced update is version {latest['version']})" if latest else ""))
+                    + (f" (the latest update it started is version {latest['version']})" if latest else ""))
             except WeightSyncError:
                 raise
             except Exception as e:  # the store went away (learner restart): reconnect until the deadline

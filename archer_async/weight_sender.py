@@ -131,8 +131,8 @@ class WeightSender:
         self._headers = 0  # bucket headers published so far (the next one is where receivers wait)
         self._reqs = {}  # receiver rank -> its request id for this update (read from want/<v>/<r>)
         try:
-            # one-way (the store sends no reply): names the coming version for the receivers' error messages,
-            # and wakes the store's server thread before this update's first round trip
+            # the update this sender starts, for the error message of a receiver waiting for another
+            # version (a one-way write: the store sends no reply, so it costs no round trip)
             ctl.set("latest", {"version": int(version), "nonce": nonce})
             for bucket, last in split_buckets(_checked(named_tensors), bucket_bytes):
                 self._send_bucket(nonce, version, bucket, last, deadline, stats, keys)

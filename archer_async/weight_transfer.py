@@ -29,9 +29,8 @@ One update, version v (key names under the store's prefix):
 
     receivers (when they start waiting, usually before the sender):
              set want/v/r = {"req": id, "group": id | null, "prev": consumer failure of the last update | absent}
-    sender:  set "latest" = {version, nonce} (one-way: for the receivers' error messages; it also wakes
-             the store's server thread, which answers the next call in 15-20 us instead of 70-200 us
-             after ~20 ms idle)
+    sender:  set "latest" = {version, nonce}: the update it starts (for the error message of a receiver
+             waiting for another version; a one-way write, the store sends no reply)
              lay out bucket 0 (names, dtypes, shapes, offsets, bytes, chunk size; no copy yet)
              wait want/v/r for all r (one blocking multi_get)
              set go/<req> for every request, one multi_set = {nonce, header of bucket 0, gloo group}

@@ -23,10 +23,11 @@ once, and the learner gathers the full weights before it sends.
   with the same bytes, over a persistent gloo process group (created once, outside the timing), into
   receive buffers allocated and touched once per payload size, then a barrier so the sender knows
   every receiver has the bytes;
-- raw + packing (diagnostic): the raw limit's broadcast and barrier, with the sender laying out and
-  packing the separate tensors into its kept buffer inside the timing (`bucket_layout` and one
-  `_ChunkPacker` pass per bucket, the copy any sender of separate tensors makes), so that
-  ours / (raw + packing) is the protocol's own cost (announcement, acknowledgement, chunking);
+- raw + packing (diagnostic): the same data plane without the control plane: the sender lays out,
+  chunks and packs the separate tensors inside the timing exactly as WeightSender does (`chunk_bounds`,
+  `_ChunkPacker`, `_gloo_broadcast_chunks`: tensors of 4 MB or more uncopied, the rest packed, the next
+  chunk packed while one travels) over the persistent group, then the barrier; so ours / (raw + packing)
+  is the cost of the announcement and the acknowledgement;
 - project path, fresh group (diagnostic): the same, with `WeightSender.reuse_group = False`, so every
   update rendezvouses a new gloo group (the behaviour before groups were reused);
 - raw + fresh group (diagnostic): the same broadcast and barrier over a new `ProcessGroupGloo`
@@ -55,10 +56,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archer_async.weight_buckets import _byte_sources, _ChunkPacker, bucket_layout, split_buckets  # noqa: E402
+from archer_async.weight_buckets import (  # noqa: E402
+    DEFAULT_CHUNK_BYTES, _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds, chunk_size, split_buckets,
+)
 from archer_async.weight_receiver import WeightReceiver  # noqa: E402
 from archer_async.weight_sender import WeightSender  # noqa: E402
-from archer_async.weight_transfer import free_port, make_sync_init  # noqa: E402
+from archer_async.weight_transfer import _gloo_broadcast_chunks, free_port, make_sync_init  # noqa: E402
 
 
 def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:
@@ -122,8 +125,12 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
             if key not in raw_bufs:  # the limit receives into buffers it already touched, as the project path does
                 raw_bufs.clear()
                 raw_bufs[key] = [torch.zeros(nbytes, dtype=torch.uint8) for nbytes in key]
-            for buf in raw_bufs[key]:
-                dist.broadcast(buf, src=0)
+            chunks = cmd[2]  # per bucket: the [start, end) of its broadcasts (None: one broadcast)
+            for buf, bounds in zip(raw_bufs[key], chunks or [None] * len(key)):
+                if bounds is None:
+                    dist.broadcast(buf, src=0)
+                else:
+                    _gloo_broadcast_chunks(dist.group.WORLD, bounds, lambda s, e, b=buf: b[s:e], time.monotonic() + 300)
             dist.barrier()
         elif cmd[0] == "fresh":
             pg = _fresh_group(store, cmd[2], rank, world)
@@ -192,6 +199,8 @@ def main() -> None:
         sizes = [f.numel() for f in flats]
         times: dict[str, list[float]] = {"ws": [], "ws_fresh": [], "raw": [], "raw_pack": [], "raw_fresh": []}
         buckets = [b for b, _ in split_buckets(tensors, bucket_bytes)]
+        chunk_plan = [chunk_bounds(lay, chunk_size(lay["nbytes"], DEFAULT_CHUNK_BYTES))
+                      for lay in map(bucket_layout, buckets)]  # the receivers' side of raw + packing
         pack_buf = torch.empty(max(sizes), dtype=torch.uint8)
         stats: dict[str, dict] = {}
         counter = [version]
@@ -209,17 +218,22 @@ def main() -> None:
             return dt
 
         def run_raw(pack: bool) -> float:
-            """The raw limit: the packed payload (pack=True: the separate tensors, packed inside the timing)."""
+            """The raw limit: one broadcast of the packed payload per bucket. pack=True: the separate tensors,
+            laid out, chunked and packed inside the timing exactly as WeightSender does (`_gloo_broadcast_chunks`),
+            without its announcement and acknowledgement."""
             for q in qs:
-                q.put(("raw", sizes, tag))
+                q.put(("raw", sizes, chunk_plan if pack else None, tag))
             time.sleep(lead_s)
             t0 = time.perf_counter()
             for bucket, f in zip(buckets, flats):
-                if pack:
-                    layout = bucket_layout(bucket)
-                    n = layout["nbytes"]
-                    f = _ChunkPacker(_byte_sources(bucket, layout["offsets"]), pack_buf[:n]).chunk(0, n)
-                dist.broadcast(f, src=0)
+                if not pack:
+                    dist.broadcast(f, src=0)
+                    continue
+                layout = bucket_layout(bucket)
+                n = layout["nbytes"]
+                packer = _ChunkPacker(_byte_sources(bucket, layout["offsets"]), pack_buf[:n])
+                _gloo_broadcast_chunks(dist.group.WORLD, chunk_bounds(layout, chunk_size(n, DEFAULT_CHUNK_BYTES)),
+                                       packer.chunk, time.monotonic() + 300)
             dist.barrier()
             return time.perf_counter() - t0
 

@@ -24,6 +24,7 @@ def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
         ("model.layers.0.self_attn.q_proj.weight", torch.randn(16, 16, generator=g).to(torch.bfloat16)),
         ("model.layers.0.self_attn.q_proj.bias", torch.randn(16, generator=g).half()),
         ("model.norm.weight", torch.randn(16, generator=g)[::2]),  # non-contiguous view
+        ("model.norm.bias", torch.randn(2, generator=g).double()[::2]),  # one element with stride 2
         ("step", torch.tensor(7, dtype=torch.int64)),  # 0-dim
         ("empty", torch.empty(0, 3)),
     ]
@@ -229,7 +230,7 @@ def test_version_mismatch_fails_loudly_on_both_sides():
     threads[0].join(10)
     assert isinstance(outs[0].get("error"), WeightSyncError)
     err = str(outs[0]["error"])  # names what it waited for and what the sender announced
-    assert "never announced version 5" in err and "latest announced update is version 6" in err, err
+    assert "never announced version 5" in err and "the latest update it started is version 6" in err, err
 
 
 def test_connect_deadline_names_missing_receiver():
