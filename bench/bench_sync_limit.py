@@ -57,7 +57,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from archer_async.weight_buckets import (  # noqa: E402
-    DEFAULT_CHUNK_BYTES, _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds, chunk_size, split_buckets,
+    DEFAULT_CHUNK_BYTES, _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds, chunk_size, pack_bucket,
+    split_buckets,
 )
 from archer_async.weight_receiver import WeightReceiver  # noqa: E402
 from archer_async.weight_sender import WeightSender  # noqa: E402
@@ -142,13 +143,16 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
     dist.destroy_process_group()
 
 
-def packed_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[torch.Tensor]:
-    """The flat uint8 buffers WeightSender would send (same bucketing rule and layout), packed: the raw
+def packed_buckets(buckets: list[list[tuple[str, torch.Tensor]]]) -> list[torch.Tensor]:
+    """The flat uint8 buffers WeightSender would send for these buckets (same layout), packed: the raw
     limit sends the same bytes from memory holding them (an untouched buffer would be read from the
     kernel's shared zero page, which is faster than any real payload)."""
-    from archer_async.weight_buckets import pack_bucket
+    return [pack_bucket(bucket, torch.device("cpu"))[1] for bucket in buckets]
 
-    return [pack_bucket(bucket, torch.device("cpu"))[1] for bucket, _ in split_buckets(tensors, bucket_bytes)]
+
+def sender_chunks(layout: dict) -> list[tuple[int, int]]:
+    """The [start, end) of the broadcasts WeightSender (default chunk_bytes) makes of a bucket with this layout."""
+    return chunk_bounds(layout, chunk_size(layout["nbytes"], DEFAULT_CHUNK_BYTES))
 
 
 def main() -> None:
@@ -195,12 +199,11 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for size_mb in [float(s) for s in args.sizes_mb.split(",")]:
         tensors = payload(size_mb)
-        flats = packed_buckets(tensors, bucket_bytes)
+        buckets = [b for b, _ in split_buckets(tensors, bucket_bytes)]
+        flats = packed_buckets(buckets)
         sizes = [f.numel() for f in flats]
         times: dict[str, list[float]] = {"ws": [], "ws_fresh": [], "raw": [], "raw_pack": [], "raw_fresh": []}
-        buckets = [b for b, _ in split_buckets(tensors, bucket_bytes)]
-        chunk_plan = [chunk_bounds(lay, chunk_size(lay["nbytes"], DEFAULT_CHUNK_BYTES))
-                      for lay in map(bucket_layout, buckets)]  # the receivers' side of raw + packing
+        chunk_plan = [sender_chunks(bucket_layout(b)) for b in buckets]  # the receivers' side of raw + packing
         pack_buf = torch.empty(max(sizes), dtype=torch.uint8)
         stats: dict[str, dict] = {}
         counter = [version]
@@ -232,8 +235,7 @@ def main() -> None:
                 layout = bucket_layout(bucket)
                 n = layout["nbytes"]
                 packer = _ChunkPacker(_byte_sources(bucket, layout["offsets"]), pack_buf[:n])
-                _gloo_broadcast_chunks(dist.group.WORLD, chunk_bounds(layout, chunk_size(n, DEFAULT_CHUNK_BYTES)),
-                                       packer.chunk, time.monotonic() + 300)
+                _gloo_broadcast_chunks(dist.group.WORLD, sender_chunks(layout), packer.chunk, time.monotonic() + 300)
             dist.barrier()
             return time.perf_counter() - t0
 
