@@ -7,7 +7,10 @@ import errno
 import logging
 import mmap
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +36,19 @@ def _direct_io_supported(path) -> bool:
 
 @pytest.fixture
 def direct_tmp(tmp_path):
-    """tmp_path on a filesystem that takes O_DIRECT writes (skips the test where it does not)."""
-    if not _direct_io_supported(tmp_path):
-        pytest.skip("the filesystem of the test's temporary directory refuses O_DIRECT")
-    return tmp_path
+    """A directory on a filesystem that takes O_DIRECT writes: tmp_path, else a temporary directory
+    inside the checkout (a machine's /tmp may be tmpfs, which refuses O_DIRECT, while the checkout is
+    on a disk). Skips only where neither takes it."""
+    if _direct_io_supported(tmp_path):
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix=".direct-io-test-", dir=Path(__file__).resolve().parent))
+    try:
+        if not _direct_io_supported(d):
+            pytest.skip("neither the test's temporary directory nor the checkout's filesystem takes O_DIRECT")
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -59,9 +71,9 @@ def _count_direct_writes(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch, direct_always):
-    if direct and not _direct_io_supported(tmp_path):
-        pytest.skip("the filesystem of the test's temporary directory refuses O_DIRECT")
+def test_deferred_points_written_in_order_across_seals(tmp_path, direct, monkeypatch, direct_always, request):
+    if direct:
+        tmp_path = request.getfixturevalue("direct_tmp")
     pieces = _count_direct_writes(monkeypatch)
     # direct: every point is padded to 4 KiB, so segments hold several points only when larger
     log = SegmentLog(tmp_path, segment_bytes=12_000 if direct else 2000, fsync=True, direct=direct)
