@@ -93,7 +93,7 @@ _CPU_ONLY = is_cpu_only()
 
 
 class VLLMBackend:
-    """vLLM AsyncLLM with the project's weight-transfer engine ("archer", see archer_async.vllm_plugin)."""
+    """vLLM AsyncLLM with the project's weight-transfer engine ("archer", see actors.vllm_plugin)."""
 
     def __init__(self, llm, actors: ActorsConfig, sync: SyncConfig, version: int):
         self.llm = llm

@@ -4,7 +4,7 @@ cannot run (never the default where it does: `actors.backend = "transformers"` s
 A worker thread batches the pending requests (up to `max_num_seqs`) and samples them step by step
 with a KV cache (left padding, explicit position ids). Behaviour log-probs are computed exactly as
 vLLM's processed log-probs: fp32 logits / T, top-p mask, log_softmax. Weight updates arrive through
-`archer_async.weight_receiver.WeightReceiver` (staged, then copied into the parameters between two
+`actors.weight_receiver.WeightReceiver` (staged, then copied into the parameters between two
 decoding steps), so responses in flight span versions exactly as with vLLM's keep mode; abort mode
 is treated as keep (there is no KV cache to recompute that keep would not already handle).
 """
@@ -71,7 +71,7 @@ class HFBackend:
             threading.Thread(target=self._connect, name="hf-weights-connect", daemon=True).start()
 
     def _connect(self) -> None:
-        from archer_async.weight_receiver import WeightReceiver
+        from actors.weight_receiver import WeightReceiver
 
         try:
             rx = WeightReceiver(self._sync_init, device=self.model.device)
@@ -199,7 +199,7 @@ class HFBackend:
         return {"version": self.version, "seconds": t2 - t0, "paused_s": t2 - t1, "mode": mode}
 
     def _receive(self, version: int, timeout_s: float) -> list:
-        from archer_async.weight_receiver import WeightReceiver
+        from actors.weight_receiver import WeightReceiver
 
         self._connected.wait(timeout_s)
         if self._receiver is None:

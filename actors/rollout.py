@@ -36,6 +36,8 @@ from typing import Any, Optional
 
 from actors.engine import SampleParams, WeightUpdateError
 from archer_async.config import Config
+from archer_async.fsio import atomic_write_json
+from archer_async.roles import ActorRole
 from archer_async.types import TrajectoryGroup, Sample
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,7 @@ class SeqAllocator:
         self._lock = threading.Lock()
 
     def _reserve(self, limit: int) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"seq_high_water": limit}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"seq_high_water": limit})
         self._limit = limit
 
     def next(self) -> int:
@@ -71,7 +68,7 @@ class SeqAllocator:
             return self._next - 1
 
 
-class RolloutActor:
+class RolloutActor(ActorRole):
     """One actor: an inference engine plus the rollout loop (see the module docstring).
 
     Args:
@@ -79,7 +76,7 @@ class RolloutActor:
         actor_index: 0..num_actors-1; the actor id is "actor<index>", the data shard is index/num_actors.
         run_dir: the run directory (buffer endpoints and secret, the seq high-water mark, actor metrics).
         buffer_endpoints: {"ingest": url, "control": url}; None: read RUN_DIR/buffer/endpoints.json.
-        sync_init: this actor's `archer_async.weight_transfer.SyncInit` (dict form, rank set); None: no
+        sync_init: this actor's `archer_async.weight_sync.SyncInit` (dict form, rank set); None: no
             weight updates (evaluation-only engines).
         initial_version: weight version the loaded weights are (tokens are labelled with it).
         model_path: weights to load; None: cfg.model.path, else the embedded tiny model.
@@ -143,9 +140,9 @@ class RolloutActor:
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _tiny_path() -> str:
-        from archer_async.tiny import tiny_model_path
+        from archer_async.config import TINY_MODEL_DIR
 
-        return str(tiny_model_path())
+        return str(TINY_MODEL_DIR)
 
     def _call(self, coro, timeout: Optional[float] = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -236,7 +233,7 @@ class RolloutActor:
 
     def _reward_pool(self):
         if self._rewards is None:
-            from archer_async.rewards import RewardPool
+            from rewards import RewardPool
 
             self._rewards = RewardPool(self.cfg.rewards)
         return self._rewards
@@ -298,7 +295,7 @@ class RolloutActor:
 
     # ------------------------------------------------------------------ the loop
     def _next_prompt(self) -> Optional[tuple[int, list[int]]]:
-        from archer_async.tiny import prompt_ids
+        from archer_async.data import prompt_ids
 
         with self._data_lock:
             idx = self._pending.popleft() if self._pending else next(self.stream)[0]
@@ -403,7 +400,7 @@ class RolloutActor:
         return c
 
     async def _evaluate(self, rows: list[dict], k: int, p: SampleParams, seed: int) -> list[list[str]]:
-        from archer_async.tiny import prompt_ids
+        from archer_async.data import prompt_ids
 
         async def one(i: int, row: dict, j: int) -> str:
             import dataclasses

@@ -1,4 +1,4 @@
-"""GRPO advantages and the group filter of ALGORITHM.md §6.
+"""GRPO advantages and the group filter of docs/algorithm.md §6.
 
     A_i = (R_i - mean_group) / (std_group + 1e-6),   std unbiased (torch default, n - 1)
 
@@ -18,7 +18,7 @@ from typing import Hashable, Sequence, Union
 
 import torch
 
-from archer_async.types import TrajectoryGroup
+from archer_async.types import STATUS_VALUE, TrajectoryGroup, no_signal
 
 __all__ = ["GRPO_EPS", "broadcast_advantages", "filter_groups", "group_advantages", "grpo_advantages"]
 
@@ -65,27 +65,22 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Sequen
 def filter_groups(groups: Sequence[TrajectoryGroup]) -> tuple[list[TrajectoryGroup], dict[str, int]]:
     """§6 filter: (kept groups in input order, counts).
 
-    Each dropped group is counted once, in the first matching category: groups/empty (no samples),
-    groups/infra_error (any sample's reward.value is None), groups/solve_none (all rewards 0),
-    groups/solve_all (all rewards equal and > 0). Also groups/total, groups/kept and
-    reward/infra_errors (samples with an infra-error reward, over all groups given).
+    Each dropped group is counted once under the reason `archer_async.types.no_signal` gives:
+    groups/empty, groups/infra_error, groups/solve_none or groups/solve_all. Also groups/total,
+    groups/kept and reward/infra_errors (samples with an infra-error reward, over all groups given).
     """
     counts = {k: 0 for k in ("groups/total", "groups/kept", "groups/empty", "groups/infra_error",
                              "groups/solve_none", "groups/solve_all", "reward/infra_errors")}
     kept: list[TrajectoryGroup] = []
     for group in groups:
         counts["groups/total"] += 1
-        values = [s.reward.value for s in group.samples]
-        n_infra = sum(v is None for v in values)
-        counts["reward/infra_errors"] += n_infra
-        if not values:
-            counts["groups/empty"] += 1
-        elif n_infra:
-            counts["groups/infra_error"] += 1
-        elif all(v == values[0] for v in values):
-            counts["groups/solve_all" if values[0] > 0 else "groups/solve_none"] += 1
-        else:
+        statuses = [s.reward.status for s in group.samples]
+        counts["reward/infra_errors"] += sum(STATUS_VALUE[st] is None for st in statuses)
+        reason = no_signal(statuses)
+        if reason is None:
             kept.append(group)
+        else:
+            counts["groups/" + reason] += 1
     counts["groups/kept"] = len(kept)
     return kept, counts
 

@@ -28,11 +28,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-import msgspec
 import zmq
 
 from archer_async import wire
-from archer_async.types import TrajectoryGroup, encode_group
+from archer_async.types import GroupHeader, TrajectoryGroup, decode_groups, encode_group
 
 
 class BufferError(RuntimeError):
@@ -65,8 +64,9 @@ class PutResult:
 class SampleBatch:
     """One sample reply."""
 
-    groups: list[TrajectoryGroup]
-    """The delivered groups (len == the n_groups asked for)."""
+    payload: bytes
+    """The delivered groups as the buffer sent them: one msgpack array of encoded groups
+    (`archer_async.types.join_groups`); the learner passes these bytes to its ranks as they are."""
     group_ids: list[str]
     """Their ids, in order."""
     consumed_state: dict
@@ -75,18 +75,10 @@ class SampleBatch:
     """Learner version the groups were checked against (staleness)."""
     request_id: str
 
-
-def group_header(group: TrajectoryGroup) -> dict:
-    """What the buffer indexes about a group, computed by the producer (sent in the put header):
-    ids, min/max token version, reward statuses, token count, prompt index, actor, creation time."""
-    versions = [(min(s.token_versions), max(s.token_versions)) if s.token_versions else (0, 0)
-                for s in group.samples]
-    return {"gid": group.group_id, "minv": min((v[0] for v in versions), default=0),
-            "maxv": max((v[1] for v in versions), default=0),
-            "sids": [s.sample_id for s in group.samples],
-            "rws": [s.reward.status for s in group.samples],
-            "ntok": sum(len(s.token_versions) for s in group.samples),
-            "pidx": group.prompt_index, "actor": group.actor_id, "ts": group.created_at}
+    @property
+    def groups(self) -> list[TrajectoryGroup]:
+        """The delivered groups, decoded (len == the n_groups asked for)."""
+        return decode_groups(self.payload)
 
 
 @dataclass
@@ -94,12 +86,11 @@ class _Put:
     group_id: str
     data: bytes
     reserved: bool
-    meta: Optional[dict] = None
+    meta: Optional[GroupHeader] = None
     sent_at: float = 0.0
     retry_at: float = 0.0
 
 
-_GROUPS = msgspec.msgpack.Decoder(list[TrajectoryGroup])
 _RETRY_MS = 100
 
 
@@ -201,16 +192,13 @@ class BufferClient:
             self._send_put(rid, p)
         held = self._held
         if held:
-            self._call("reserve", {"want": 0, "held": held})
+            self._call(wire.Reserve(rid=0, want=0, held=held))
 
     # ------------------------------------------------------------------ ingest
     def _send_put(self, rid: int, p: _Put) -> None:
         p.sent_at = time.monotonic()
         p.retry_at = 0.0
-        header = {"op": "put", "rid": rid, "client": self.client_id, "held": self._held}
-        if p.meta is not None:
-            header["meta"] = p.meta
-        self._send("ingest", header, p.data)
+        self._send("ingest", wire.Put(rid=rid, client=self.client_id, held=self._held, meta=p.meta), p.data)
 
     def _pump(self, timeout_s: float) -> None:
         """Receive acknowledgements (returns once some arrived, or after timeout_s); re-send what
@@ -265,10 +253,10 @@ class BufferClient:
     def submit(self, group: TrajectoryGroup) -> int:
         """Send a group without waiting (returns its request id); at most max_pending stay unacked
         (this call waits for acknowledgements beyond that). Collect results with flush()."""
-        return self.submit_encoded(group.group_id, encode_group(group), group_header(group))
+        return self.submit_encoded(group.group_id, encode_group(group), GroupHeader.of(group))
 
-    def submit_encoded(self, group_id: str, data: bytes, meta: Optional[dict] = None) -> int:
-        """submit() for an already encoded group (encode_group bytes); meta: group_header(group)
+    def submit_encoded(self, group_id: str, data: bytes, meta: Optional[GroupHeader] = None) -> int:
+        """submit() for an already encoded group (encode_group bytes); meta: GroupHeader.of(group)
         (None: the buffer derives it from the bytes)."""
         with self._lock:
             while len(self._unacked) >= self.max_pending:
@@ -294,10 +282,10 @@ class BufferClient:
     def put(self, group: TrajectoryGroup, timeout: Optional[float] = 120.0) -> PutResult:
         """Send one group and wait for its acknowledgement (re-sending as needed). On BufferTimeout
         the group stays queued and later calls keep re-sending it."""
-        return self.put_encoded(group.group_id, encode_group(group), timeout, group_header(group))
+        return self.put_encoded(group.group_id, encode_group(group), timeout, GroupHeader.of(group))
 
     def put_encoded(self, group_id: str, data: bytes, timeout: Optional[float] = 120.0,
-                    meta: Optional[dict] = None) -> PutResult:
+                    meta: Optional[GroupHeader] = None) -> PutResult:
         """put() for an already encoded group (meta as in submit_encoded)."""
         with self._lock:
             rid = self.submit_encoded(group_id, data, meta)
@@ -334,18 +322,20 @@ class BufferClient:
             return self.flush(timeout)
 
     # ------------------------------------------------------------------ control
-    def _call(self, op: str, fields: dict, timeout: Optional[float] = None, extra_wait_s: float = 0.0) -> dict:
-        """Request/reply on the control socket, re-sent over a fresh socket if unanswered."""
+    def _call(self, req: wire.Request, timeout: Optional[float] = None, extra_wait_s: float = 0.0) -> dict:
+        """Request/reply on the control socket (`req`'s rid and client are filled in here), re-sent
+        over a fresh socket if unanswered."""
         with self._lock:
-            rid = self._next_rid()
-            header = {"op": op, "rid": rid, "client": self.client_id, **fields}
+            rid = req.rid = self._next_rid()
+            req.client = self.client_id
+            header = req
             deadline = None if timeout is None else time.monotonic() + timeout
             self._send("control", header)
             resend_at = time.monotonic() + self.ack_timeout_s + extra_wait_s
             while True:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    raise BufferTimeout(f"buffer did not answer {op!r} within {timeout}s")
+                    raise BufferTimeout(f"buffer did not answer {req.__struct_config__.tag!r} within {timeout}s")
                 if now >= resend_at:
                     self._reconnect("control")
                     self._send("control", header)
@@ -356,28 +346,28 @@ class BufferClient:
                     continue
                 reply, payload = got
                 if reply.get("status") == "error":
-                    raise BufferRejected(f"buffer refused {op!r}: {reply.get('error')}")
+                    raise BufferRejected(f"buffer refused {req.__struct_config__.tag!r}: {reply.get('error')}")
                 reply["_payload"] = payload
-                if op != "reserve":
+                if not isinstance(req, wire.Reserve):
                     self._on_restart()
                 return reply
 
     def ping(self, timeout: Optional[float] = 30.0) -> dict:
         """Round trip; returns {"status": "ok", "epoch": ...}."""
-        r = self._call("ping", {}, timeout)
+        r = self._call(wire.Ping(rid=0), timeout)
         r.pop("_payload", None)
         return r
 
     def stats(self, timeout: Optional[float] = 30.0) -> dict:
         """Buffer statistics: size, ready, depth_by_version, dropped_stale, dropped_filtered,
         dropped_by_reason, accepted, in_flight, version, bytes_on_disk, rejected_auth, ...,
-        and "metrics" with the metric names of ARCHITECTURE.md (buffer/size, buffer/dropped_stale)."""
-        return self._call("stats", {}, timeout)["stats"]
+        and "metrics" with the metric names of docs/architecture.md (buffer/size, buffer/dropped_stale)."""
+        return self._call(wire.Stats(rid=0), timeout)["stats"]
 
     def admission(self, timeout: Optional[float] = 30.0) -> dict:
         """{"accepted", "in_flight", "version", "limit", "headroom", "size", "capacity", ...}: an actor
         may start a prompt while accepted + in_flight < limit = (eta + version + 1) * batch_groups."""
-        r = self._call("admission", {}, timeout)
+        r = self._call(wire.Admission(rid=0), timeout)
         r.pop("_payload", None)
         return r
 
@@ -385,7 +375,7 @@ class BufferClient:
         """Ask to start up to n prompts; returns how many were granted (0: wait and ask again).
         Each granted reservation is consumed by the next put (or returned with release)."""
         with self._lock:
-            r = self._call("reserve", {"want": int(n), "held": self._held}, timeout)
+            r = self._call(wire.Reserve(rid=0, want=int(n), held=self._held), timeout)
             granted = int(r.get("granted", 0))
             self._held += granted
             return granted
@@ -395,7 +385,7 @@ class BufferClient:
         with self._lock:
             n = min(n, self._held)
             self._held -= n
-            self._call("release", {"n": n}, timeout)
+            self._call(wire.Release(rid=0, n=n), timeout)
 
     @property
     def reserved(self) -> int:
@@ -404,7 +394,7 @@ class BufferClient:
 
     def set_version(self, version: int, timeout: Optional[float] = 30.0) -> None:
         """Tell the buffer the learner's version (durable; admission and staleness follow it)."""
-        self._call("set_version", {"version": int(version)}, timeout)
+        self._call(wire.SetVersion(rid=0, version=int(version)), timeout)
 
     def sample(self, n_groups: int, version: int, timeout: Optional[float] = None) -> SampleBatch:
         """n_groups groups trainable at `version` (every token's version >= version - eta), oldest
@@ -415,12 +405,11 @@ class BufferClient:
         while True:
             remaining = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
             wait_ms = int(min(remaining, 5.0) * 1000)
-            r = self._call("sample", {"n": int(n_groups), "version": int(version), "req": req,
-                                      "wait_ms": wait_ms}, None, extra_wait_s=wait_ms / 1000)
+            r = self._call(wire.Sample(rid=0, n=int(n_groups), version=int(version), req=req, wait_ms=wait_ms),
+                           None, extra_wait_s=wait_ms / 1000)
             if r.get("status") == "ok":
-                groups = _GROUPS.decode(r["_payload"])
                 self._consumed_state = r["consumed_state"]
-                return SampleBatch(groups, list(r["gids"]), r["consumed_state"], int(r["version"]), req)
+                return SampleBatch(bytes(r["_payload"]), list(r["gids"]), r["consumed_state"], int(r["version"]), req)
             if deadline is not None and time.monotonic() >= deadline:
                 raise BufferTimeout(f"{n_groups} groups for version {version} not ready within {timeout}s "
                                     f"(ready: {r.get('size', '?')} live, accepted {r.get('accepted', '?')})")
@@ -433,7 +422,7 @@ class BufferClient:
     def rewind(self, consumed_state: dict, timeout: Optional[float] = 60.0) -> dict:
         """Make the buffer forget deliveries after `consumed_state` (a learner checkpoint's): they
         are delivered again. Returns the buffer's consumed_state after the rewind."""
-        r = self._call("rewind", {"state": consumed_state}, timeout)
+        r = self._call(wire.Rewind(rid=0, state=consumed_state), timeout)
         self._consumed_state = r["consumed_state"]
         return r["consumed_state"]
 

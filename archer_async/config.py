@@ -32,6 +32,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+"""The shipped tiny model (Hugging Face format, loadable by transformers and vLLM): what an empty
+`model.path` means. `archer-async build-tiny` rebuilds it (launch/tiny_build.py)."""
+
+
 class ModelConfig(_Section):
     path: Optional[str] = None
     """Local Hugging Face model directory. None: the shipped tiny model (archer_async/assets/tiny)."""
@@ -39,6 +44,10 @@ class ModelConfig(_Section):
     """Parameter dtype of the learner and the actors' engines (bf16 on GPU, float32 on CPU)."""
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     """Learner attention kernel. auto: flash-attn when installed and on GPU, SDPA otherwise."""
+
+    def directory(self) -> Path:
+        """The model directory this config names: `path`, or the shipped tiny model when it is empty."""
+        return Path(self.path) if self.path else TINY_MODEL_DIR
 
 
 class DataConfig(_Section):
@@ -186,7 +195,7 @@ class LearnerConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The objective of ALGORITHM.md; names and defaults are part of the contract."""
+    """The objective of docs/algorithm.md; names and defaults are part of the contract."""
 
     entropy_quantile: float = 0.8
     """q: per-response entropy quantile splitting high- (reasoning) from low-entropy (knowledge) tokens."""
@@ -334,7 +343,7 @@ class Config(_Section):
     learner: LearnerConfig = LearnerConfig()
     """FSDP2 learner."""
     loss: LossConfig = LossConfig()
-    """The objective (ALGORITHM.md)."""
+    """The objective (docs/algorithm.md)."""
     rewards: RewardsConfig = RewardsConfig()
     """Verifiable rewards and the sandbox."""
     sync: SyncConfig = SyncConfig()

@@ -9,7 +9,8 @@ A row (verl layout)::
 malformed row raises `DataError` naming the file, the row (line number for JSONL, index for
 JSON/parquet) and the field. `PromptStream` walks a dataset (or one actor's disjoint shard of it)
 in a seeded order, epoch after epoch, and its `state_dict()` (epoch + position) resumes it exactly.
-This module imports neither torch, vllm nor ray.
+`prompt_ids` is the one rule that turns a row into the prompt tokens every model sees (actors,
+evaluation and the tiny model's build use it). This module imports neither torch, vllm nor ray.
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def default_datasets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     if not train:
         raise DataError(f"data.train_files {cfg.train_files}: no rows")
     return train, evals
+
+
+def prompt_ids(tokenizer, row: dict) -> list[int]:
+    """Token ids of a row's chat prompt with the assistant turn opened (the model's own chat template)."""
+    text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 class PromptStream:

@@ -1,4 +1,4 @@
-"""The training objective of ALGORITHM.md §1-5: Archer's dual-token loss with off-policy correction.
+"""The training objective of docs/algorithm.md §1-5: Archer's dual-token loss with off-policy correction.
 
 Objective (per valid token t of response i; every tensor is [B, T], B responses, T positions):
 
@@ -235,7 +235,7 @@ def policy_loss(
     *,
     denominators: Optional[LossDenominators] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The ALGORITHM.md loss of a batch of responses: (scalar loss, metrics).
+    """The docs/algorithm.md loss of a batch of responses: (scalar loss, metrics).
 
     Every tensor is [B, T]: logprobs (log pi_theta, carries the gradient), proximal_logprobs,
     behavior_logprobs, ref_logprobs (None allowed when both KL coefficients are 0), entropy (H_t of

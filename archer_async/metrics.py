@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from archer_async.config import UserError
+from archer_async.fsio import atomic_write_json, atomic_write_text
 
 METRIC_NAMES: tuple[str, ...] = (
     "step", "version", "reward/mean", "actor/tokens_per_s", "learner/tokens_per_s", "buffer/size",
@@ -38,7 +39,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "groups/solve_none", "groups/solve_all", "reward/infra_errors", "grad_norm", "lr",
     "eval/accuracy", "eval/pass_at_k",
 )
-"""Every metric name of ARCHITECTURE.md "Metrics", in its order (eval/* only on evaluation steps)."""
+"""Every metric name of docs/architecture.md section 7, in its order (eval/* only on evaluation steps)."""
 
 STALENESS_HIST = "staleness/hist"
 """Step-row key of the staleness histogram: {str(version lag): number of samples}."""
@@ -152,12 +153,7 @@ class MetricsWriter:
 
     def _rewind(self, resume_step: int) -> None:
         keep = [r for r in read_metrics(self.run_dir) if int(r.get("step", 0)) <= resume_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(_dumps(r) + "\n" for r in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in keep))
 
     def _init_wandb(self, cfg: Any) -> None:
         import wandb  # lazy: only runs that log to wandb pay for the import
@@ -327,9 +323,7 @@ def write_run_status(run_dir: str | Path, state: str, **extra: Any) -> dict:
     if state != "running":
         status["ended_at"] = now
     status.update(_clean(extra))
-    tmp = rd / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, rd / STATUS_FILE)
+    atomic_write_json(rd / STATUS_FILE, status)
     return status
 
 

@@ -9,11 +9,32 @@ Producer / consumer of every field is given in its comment: A = actor, B = buffe
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import msgspec
 
 RewardStatus = Literal["pass", "fail", "timeout", "infra_error"]
+
+
+STATUS_VALUE: dict[str, Optional[float]] = {"pass": 1.0, "fail": 0.0, "timeout": 0.0, "infra_error": None}
+"""The reward value of each status: 1 for a pass, 0 for a fail or timeout, None (never trained on)
+for an infrastructure error."""
+
+
+def no_signal(statuses: Sequence[str]) -> Optional[str]:
+    """Why a group whose samples have these reward statuses cannot train, or None when it can: "empty"
+    (no samples), "infra_error" (a sample's grader broke: the group is dropped, never scored 0),
+    "solve_none" (every reward 0), "solve_all" (every reward 1). All-equal rewards give every sample
+    a zero GRPO advantage, so the group carries no learning signal. The one definition of the rule:
+    the buffer's ingest filter and the learner's batch filter both use it."""
+    if not statuses:
+        return "empty"
+    values = [STATUS_VALUE[s] for s in statuses]
+    if any(v is None for v in values):
+        return "infra_error"
+    if all(v == values[0] for v in values):
+        return "solve_all" if values[0] > 0 else "solve_none"
+    return None
 
 
 class Reward(msgspec.Struct, frozen=True):
@@ -27,9 +48,7 @@ class Reward(msgspec.Struct, frozen=True):
     @property
     def value(self) -> Optional[float]:
         """1.0 for pass, 0.0 for fail/timeout, None for infra_error (never trained on)."""
-        if self.status == "infra_error":
-            return None
-        return 1.0 if self.status == "pass" else 0.0
+        return STATUS_VALUE[self.status]
 
 
 class Sample(msgspec.Struct):
@@ -42,7 +61,8 @@ class Sample(msgspec.Struct):
     """[T] generated token ids, T <= actors.max_response_length. Producer: A. Consumer: L."""
     behavior_logprobs: list[float]
     """[T] log mu(y_t): log-prob of each sampled token under the distribution the engine actually
-    sampled from (temperature-scaled, before top-p), float32 nats. Producer: A. Consumer: L (IS weight)."""
+    sampled from (after temperature, top-k and top-p: vLLM's processed log-probs), float32 nats.
+    Producer: A. Consumer: L (IS weight)."""
     token_versions: list[int]
     """[T] learner weight version that produced each token (a response may span an update).
     Producer: A. Consumer: B (staleness admission), L (staleness metrics)."""
@@ -92,8 +112,44 @@ class TrajectoryGroup(msgspec.Struct):
         return sum(len(s.response_ids) for s in self.samples)
 
 
+class GroupHeader(msgspec.Struct, frozen=True):
+    """What the buffer indexes about a group without decoding it: sent by the producer with each put
+    (computed by `of`), checked and stored by the buffer beside the group's bytes.
+    Producer: A (BufferClient). Consumer: B (admission, staleness, filtering, dedup, sampling)."""
+
+    group_id: str
+    """TrajectoryGroup.group_id."""
+    min_version: int
+    """Oldest weight version among the group's tokens (0 for a group without tokens)."""
+    max_version: int
+    """Newest weight version among the group's tokens."""
+    actor_id: str
+    """Producing actor."""
+    prompt_index: int
+    """Dataset index of the prompt."""
+    sample_ids: list[str]
+    """[n] sample ids, in order."""
+    reward_statuses: list[RewardStatus]
+    """[n] reward statuses, in sample order."""
+    num_tokens: int
+    """Response tokens in the group."""
+    created_at: float
+    """Unix time the group was complete and scored."""
+
+    @classmethod
+    def of(cls, group) -> "GroupHeader":
+        """The header of a TrajectoryGroup (or of any decoded view with the same field names)."""
+        tv = [s.token_versions for s in group.samples]  # a sample without tokens counts as version 0
+        return cls(group_id=group.group_id, min_version=min((min(v) if v else 0 for v in tv), default=0),
+                   max_version=max((max(v) if v else 0 for v in tv), default=0), actor_id=group.actor_id,
+                   prompt_index=group.prompt_index, sample_ids=[s.sample_id for s in group.samples],
+                   reward_statuses=[s.reward.status for s in group.samples],
+                   num_tokens=sum(len(v) for v in tv), created_at=group.created_at)
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _GROUP_DECODER = msgspec.msgpack.Decoder(TrajectoryGroup)
+_GROUPS_DECODER = msgspec.msgpack.Decoder(list[TrajectoryGroup])
 
 
 def encode_group(group: TrajectoryGroup) -> bytes:
@@ -104,3 +160,14 @@ def encode_group(group: TrajectoryGroup) -> bytes:
 def decode_group(data: bytes) -> TrajectoryGroup:
     """Inverse of encode_group; raises msgspec.ValidationError / DecodeError on malformed bytes."""
     return _GROUP_DECODER.decode(data)
+
+
+def join_groups(encoded: Sequence[bytes]) -> bytes:
+    """A batch: one msgpack array of already encoded groups (the buffer's sample reply, what the
+    learner passes to its ranks), built without decoding them."""
+    return _ENCODER.encode([msgspec.Raw(b) for b in encoded])
+
+
+def decode_groups(data) -> list[TrajectoryGroup]:
+    """The groups of a `join_groups` batch (any bytes-like object)."""
+    return _GROUPS_DECODER.decode(data)

@@ -6,7 +6,8 @@ Every ZMQ message between a buffer client and the buffer server is four frames:
 
 - proto: ``PROTO_REQ`` (client -> server) or ``PROTO_REP`` (server -> client); a reply can never be
   replayed as a request because the direction is part of the MAC.
-- header: a msgpack map (``op``, ``rid`` request id, arguments / ``status`` and results).
+- header: a msgpack map: a request is one of the typed requests below (``op``, ``rid`` request id,
+  ``client``, the op's arguments), a reply a map with ``rid``, ``status`` and the op's results.
 - payload: raw bytes (an encoded TrajectoryGroup for ``put``; a msgpack array of groups for a sample
   reply; empty otherwise).
 - mac: nonce || tag, 12 + 16 bytes. tag: the AES-256-GCM tag of plaintext proto || u32 len(header)
@@ -15,7 +16,7 @@ Every ZMQ message between a buffer client and the buffer server is four frames:
   and compares in constant time, so the header travels in clear and nothing is decrypted. GCM's tag
   authenticates its associated data with GHASH (carry-less multiplication in hardware): ~0.03 ms for a
   229 KB group here, against ~0.05 ms for keyed BLAKE3 and ~0.18 ms for HMAC-SHA256 (measured on the
-  buffer benchmark's machine; bench/RESULTS_buffer.md). Random nonces stay unique with overwhelming
+  buffer benchmark's machine; bench/results/buffer.md). Random nonces stay unique with overwhelming
   probability far beyond any run's message count (NIST SP 800-38D allows 2^32 per key).
 
 The secret is per run: 32 random bytes, hex, in ``RUN_DIR/buffer/secret`` with file mode 0600,
@@ -26,6 +27,7 @@ torch, vllm or ray.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import json
@@ -34,12 +36,13 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from archer_async.config import UserError
+from archer_async.types import GroupHeader
 
 PROTO_REQ = b"AAB2q"
 """First frame of a request (client -> server)."""
@@ -69,6 +72,110 @@ class AuthError(FrameError):
 
 class SecretError(UserError):
     """The run's secret file is missing, malformed or readable by other users."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations: one typed request per op (the server validates a header into its request type).
+
+class Op(str, enum.Enum):
+    """The buffer's operations. PUT travels on the ingest socket, every other op on the control socket."""
+
+    PUT = "put"
+    """Store one group (payload: encode_group bytes). Reply (after the fsync that covers it): "acks"."""
+    PING = "ping"
+    """Round trip; reply {"status": "ok", "epoch"}."""
+    STATS = "stats"
+    """Buffer statistics; reply {"stats": {...}}."""
+    ADMISSION = "admission"
+    """The admission rule's numbers (accepted, in flight, limit, headroom, ...)."""
+    RESERVE = "reserve"
+    """Ask to start up to `want` prompts; reply {"granted": k, ...}."""
+    RELEASE = "release"
+    """Give back `n` reservations whose prompts were abandoned."""
+    SET_VERSION = "set_version"
+    """The learner's version (durable; admission and staleness follow it)."""
+    REWIND = "rewind"
+    """Return to a learner checkpoint's consumed_state."""
+    SAMPLE = "sample"
+    """`n` groups trainable at `version`; payload: a msgpack array of encoded groups."""
+
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class Request(msgspec.Struct, kw_only=True, tag_field="op"):
+    """Fields every request header carries."""
+
+    rid: int
+    """Request id, echoed by the reply (a producer's acknowledgements name it)."""
+    client: str = ""
+    """The sender's client id (one admission account and one delivery history per client)."""
+
+
+class Put(Request, kw_only=True, tag=Op.PUT.value):
+    meta: Optional[GroupHeader] = None
+    """The group's header (GroupHeader.of); None: the buffer derives it from the payload."""
+    held: Optional[NonNegative] = None
+    """Reservations the producer still holds after this put (its prompts in flight)."""
+
+
+class Ping(Request, kw_only=True, tag=Op.PING.value):
+    pass
+
+
+class Stats(Request, kw_only=True, tag=Op.STATS.value):
+    pass
+
+
+class Admission(Request, kw_only=True, tag=Op.ADMISSION.value):
+    pass
+
+
+class Reserve(Request, kw_only=True, tag=Op.RESERVE.value):
+    want: NonNegative = 0
+    """Prompts the producer asks to start now."""
+    held: NonNegative = 0
+    """Reservations it holds already (re-asserted after a buffer restart)."""
+
+
+class Release(Request, kw_only=True, tag=Op.RELEASE.value):
+    n: NonNegative = 1
+    """Reservations given back."""
+
+
+class SetVersion(Request, kw_only=True, tag=Op.SET_VERSION.value):
+    version: NonNegative
+    """The learner's current version."""
+
+
+class Rewind(Request, kw_only=True, tag=Op.REWIND.value):
+    state: dict
+    """A learner checkpoint's consumed_state."""
+
+
+class Sample(Request, kw_only=True, tag=Op.SAMPLE.value):
+    n: Positive
+    """Groups asked for."""
+    version: NonNegative
+    """Learner version the groups must be trainable at (staleness)."""
+    req: str = ""
+    """Id of this delivery: a retried request with the same id gets the same groups."""
+    wait_ms: NonNegative = 0
+    """How long the server may hold the request until enough groups are ready (capped at 60 s)."""
+
+
+AnyRequest = Union[Put, Ping, Stats, Admission, Reserve, Release, SetVersion, Rewind, Sample]
+CONTROL_OPS = frozenset(op for op in Op if op is not Op.PUT)
+
+
+def parse_request(header: dict) -> AnyRequest:
+    """The typed request of a verified header; FrameError naming what is wrong (unknown op, missing or
+    ill-typed field)."""
+    try:
+        return msgspec.convert(header, AnyRequest)
+    except msgspec.ValidationError as e:
+        raise FrameError(f"bad {header.get('op', 'request')!r} request: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,16 +238,6 @@ def ensure_secret(run_dir: str | os.PathLike) -> bytes:
     return load_secret(run_dir)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON by tmp + fsync + rename (readers never see a partial file)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_endpoints(run_dir: str | os.PathLike, wait_s: float = 0.0) -> dict:
     """RUN_DIR/buffer/endpoints.json, waiting up to wait_s seconds for it to appear."""
     path = endpoints_path(run_dir)
@@ -178,8 +275,9 @@ class Signer:
             raise SecretError("buffer secret too short")
         self._aead = AESGCM(hashlib.sha256(_KEY_CONTEXT + bytes(secret)).digest())
 
-    def pack(self, proto: bytes, header: dict, payload: bytes | memoryview = b"") -> list:
-        """Frames [proto, header, payload, mac] ready for send_multipart."""
+    def pack(self, proto: bytes, header: "dict | Request", payload: bytes | memoryview = b"") -> list:
+        """Frames [proto, header, payload, mac] ready for send_multipart (a Request encodes as its
+        header map, with its op tag)."""
         hb = _HEADER_ENCODER.encode(header)
         nonce = os.urandom(NONCE_BYTES)
         return [proto, hb, payload, nonce + _tag(self._aead, nonce, proto, hb, payload)]
@@ -203,19 +301,3 @@ class Signer:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise FrameError(f"bad header: {e}") from None
         return header, payload
-
-
-def get_str(header: dict, key: str, default: Optional[str] = None) -> str:
-    """header[key] as str; FrameError when missing (without default) or of the wrong type."""
-    v = header.get(key, default)
-    if not isinstance(v, str):
-        raise FrameError(f"header field {key!r} must be a string")
-    return v
-
-
-def get_int(header: dict, key: str, default: Optional[int] = None) -> int:
-    """header[key] as int; FrameError when missing (without default) or of the wrong type."""
-    v = header.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise FrameError(f"header field {key!r} must be an integer")
-    return v

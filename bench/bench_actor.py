@@ -1,6 +1,6 @@
 """Actor benchmark: generation throughput (vLLM vs transformers generate) and weight-update latency.
 
-    .venv/bin/python bench/bench_actor.py [--prompts 64] [--tokens 64] [--updates 5] [--skip-05b]
+    .venv/bin/python -m bench.bench_actor [--prompts 64] [--tokens 64] [--updates 5] [--skip-05b]
 
 1. Generated tokens/s of one actor's engine (vLLM AsyncLLM, as `actors.engine.VLLMBackend` builds
    it) on the tiny model vs transformers `generate` (one batch, sampling) with the same prompts and
@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,18 +25,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def tiny_path(tmp: Path) -> str:
-    from archer_async.tiny import tiny_model_path
+    from archer_async.config import TINY_MODEL_DIR
 
-    if (tiny_model_path() / "config.json").exists():
-        return str(tiny_model_path())
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_actors_vllm import tiny_model
+    if (TINY_MODEL_DIR / "config.json").exists():
+        return str(TINY_MODEL_DIR)
+    from tests.integration.test_actors_vllm import tiny_model
 
     return tiny_model(tmp)
 
@@ -120,9 +117,9 @@ async def update_times(eng, sender, path: str, updates: int, version0: int = 1) 
 def bare_transfer(path: str, updates: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
-    from archer_async.weight_receiver import WeightReceiver
-    from archer_async.weight_sender import WeightSender
-    from archer_async.weight_transfer import make_sync_init
+    from actors.weight_receiver import WeightReceiver
+    from learner.weight_sender import WeightSender
+    from archer_async.weight_sync import make_sync_init
 
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     named = [(n, p.detach()) for n, p in m.named_parameters()]
@@ -146,8 +143,8 @@ def bare_transfer(path: str, updates: int) -> list[float]:
 
 
 async def main(args) -> dict:
-    from archer_async.weight_sender import WeightSender
-    from archer_async.weight_transfer import make_sync_init
+    from learner.weight_sender import WeightSender
+    from archer_async.weight_sync import make_sync_init
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-actor-"))
     res: dict = {"prompts": args.prompts, "new_tokens_per_prompt": args.tokens}
@@ -156,7 +153,7 @@ async def main(args) -> dict:
 
     from archer_async.data import default_datasets
     from archer_async.config import DataConfig
-    from archer_async.tiny import prompt_ids
+    from archer_async.data import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(path)
     rows, _ = default_datasets(DataConfig(tiny_num_train=args.prompts, tiny_num_eval=4))

@@ -1,6 +1,6 @@
 """Asynchronous vs synchronous training on the same tiny workload: wall time per step and the ideal ratio.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_async.py [--steps 12] [--warmup 2] [--rounds 1] \
+    .venv/bin/python -m bench.bench_async [--steps 12] [--warmup 2] [--rounds 1] \
         [--modes sync,async] [key=value ...]
 
 Runs `archer-async train` once per mode and round, interleaved (sync, async, sync, async, ...), on the
@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Buffer ingest throughput vs raw pyzmq PUSH/PULL of the same bytes, measured side by side.
 
-    .venv/bin/python bench/bench_buffer.py [--groups 1000] [--producers 2] [--repeats 5] [--samples 16] [--tokens 1000] [--check-costs]
+    .venv/bin/python -m bench.bench_buffer [--groups 1000] [--producers 2] [--repeats 5] [--samples 16] [--tokens 1000] [--check-costs]
 
 Each group: `--samples` responses of `--tokens` tokens (random token ids and log-probs), encoded once
 (msgspec msgpack, ~230 KB for 16 x 1000); producers only patch the group id into the bytes. Modes,
@@ -35,10 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from archer_async.buffer_client import group_header  # noqa: E402
-from archer_async.types import Reward, Sample, TrajectoryGroup, encode_group  # noqa: E402
+from archer_async.types import GroupHeader
+from archer_async.types import Reward, Sample, TrajectoryGroup, encode_group
 
 ID_TEMPLATE = "bench-g0000000"
 
@@ -53,7 +51,7 @@ def template(samples: int, tokens: int) -> tuple[bytes, bytes, dict]:
                         prompt_ids=list(range(256)), samples=ss, actor_id="bench")
     data = encode_group(g)
     i = data.index(ID_TEMPLATE.encode())
-    return data[:i], data[i + len(ID_TEMPLATE):], group_header(g)
+    return data[:i], data[i + len(ID_TEMPLATE):], GroupHeader.of(g)
 
 
 def group_bytes(head: bytes, tail: bytes, k: int) -> tuple[str, bytes]:

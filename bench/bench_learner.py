@@ -1,6 +1,6 @@
 """Learner throughput on CPU for the tiny model: tokens/s of full training steps at world size 1 and 2.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_learner.py [--steps 3] [--worlds 1 2] [--groups 8] [--samples 8] [--threads 1]
+    .venv/bin/python -m bench.bench_learner [--steps 3] [--worlds 1 2] [--groups 8] [--samples 8] [--threads 1]
 
 Model: the shipped tiny model (archer_async/assets/tiny) when it exists, else a random-init Qwen2 of the
 tiny model's shape (hidden 128, 3 layers, 2 heads of 64, vocab 512). Data: synthetic TrajectoryGroups
@@ -16,7 +16,6 @@ import json
 import random
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +23,16 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from archer_async.config import Config  # noqa: E402
-from archer_async.types import Reward, Sample, TrajectoryGroup  # noqa: E402
+from archer_async.config import Config
+from archer_async.types import Reward, Sample, TrajectoryGroup
 
 
 def model_dir(tmp: Path) -> Path:
     """The tiny model if it is built, else a random-init model of its shape in `tmp`."""
     try:
-        from archer_async.tiny import tiny_model_path
+        from archer_async.config import TINY_MODEL_DIR
 
-        p = tiny_model_path()
+        p = TINY_MODEL_DIR
         if (p / "config.json").is_file():
             return p
     except ImportError:

@@ -1,6 +1,6 @@
 """Per-update learner overheads on real FSDP2 shards over gloo, old and new way side by side.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_learner_ops.py [--ranks 2] [--reps 3] [--iters 20] [--model DIR]
+    .venv/bin/python -m bench.bench_learner_ops [--ranks 2] [--reps 3] [--iters 20] [--model DIR]
 
 `--ranks` spawned processes on 127.0.0.1 (one torch thread each) shard the model (default: the
 embedded tiny model) with `learner.model.shard_model` and time, interleaved within each repetition:
@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _sharded(model_dir: str, world: int):
     from torch.distributed.device_mesh import init_device_mesh
@@ -105,10 +101,10 @@ def main() -> None:
     ap.add_argument("--model", default="", help="HF model directory (default: the embedded tiny model)")
     args = ap.parse_args()
     if not args.model:
-        from archer_async.tiny import tiny_model_path
+        from archer_async.config import TINY_MODEL_DIR
 
-        args.model = str(tiny_model_path())
-    from archer_async.weight_transfer import free_port
+        args.model = str(TINY_MODEL_DIR)
+    from archer_async.weight_sync import free_port
 
     print(f"{args.ranks} gloo ranks, model {args.model}, load average {os.getloadavg()}", flush=True)
     mp.spawn(_worker, args=(args.ranks, free_port(), args), nprocs=args.ranks)

@@ -7,7 +7,7 @@
    V=151936 with bf16 logits. Each variant runs in its own subprocess; the peak is the process's
    VmHWM after resetting it (/proc/self/clear_refs) once the logits exist, minus the RSS then.
 
-    .venv/bin/python bench/bench_loss.py [--repeats 7] [--threads 2]
+    .venv/bin/python -m bench.bench_loss [--repeats 7] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from archer_async.loss import LossConfig, entropy_from_logits, logprobs_from_logits, policy_loss  # noqa: E402
+from archer_async.loss import LossConfig, entropy_from_logits, logprobs_from_logits, policy_loss
 
 VOCAB = 151936
 

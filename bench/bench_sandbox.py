@@ -1,6 +1,6 @@
 """Sandbox overhead: programs/s for N stdin/stdout programs, sandboxed (RewardPool, bwrap) vs bare.
 
-    .venv/bin/python bench/bench_sandbox.py --n 1000 --workers 2
+    .venv/bin/python -m bench.bench_sandbox --n 1000 --workers 2
 
 Each program is a short model-style solution with one stdin test. Measured side by side in one run:
   bare      N x `python -I -S main.py` in a temp dir (subprocess, `workers` threads), output compared
@@ -22,10 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from archer_async.config import RewardsConfig  # noqa: E402
-from archer_async.rewards import RewardPool  # noqa: E402
+from archer_async.config import RewardsConfig
+from rewards import RewardPool
 
 TEMPLATES = [
     ("a, b = map(int, input().split())\nprint(a + b)", lambda r: (f"{r} {r * 3}\n", str(4 * r))),

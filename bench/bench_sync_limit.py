@@ -1,6 +1,6 @@
 """Weight sync against its limit: WeightSender -> WeightReceiver vs a raw gloo broadcast of the same bytes.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_sync_limit.py [--sizes-mb 1.4,64,256] [--receivers 2] [--reps 5]
+    .venv/bin/python -m bench.bench_sync_limit [--sizes-mb 1.4,64,256] [--receivers 2] [--reps 5]
 
 One sender (this process) and `--receivers` receiver processes on 127.0.0.1, all on the gloo backend.
 For every payload size the four variants below run interleaved (A B C D A B C D ...; with `--rotate` the
@@ -25,7 +25,7 @@ once, and the learner gathers the full weights before it sends.
   every receiver has the bytes;
 - raw + packing (diagnostic): the same data plane without the control plane: the sender lays out,
   chunks and packs the separate tensors inside the timing exactly as WeightSender does (`chunk_bounds`,
-  `_ChunkPacker`, `_gloo_broadcast_chunks`: tensors of 4 MB or more uncopied, the rest packed, the next
+  `ChunkPacker`, `gloo_broadcast_chunks`: tensors of 4 MB or more uncopied, the rest packed, the next
   chunk packed while one travels) over the persistent group, then the barrier; so ours / (raw + packing)
   is the cost of the announcement and the acknowledgement;
 - project path, fresh group (diagnostic): the same, with `WeightSender.reuse_group = False`, so every
@@ -54,15 +54,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from archer_async.weight_buckets import (  # noqa: E402
-    DEFAULT_CHUNK_BYTES, _byte_sources, _ChunkPacker, bucket_layout, chunk_bounds, chunk_size, pack_bucket,
+from archer_async.weight_sync.buckets import (
+    DEFAULT_CHUNK_BYTES, byte_sources, ChunkPacker, bucket_layout, chunk_bounds, chunk_size, pack_bucket,
     split_buckets,
 )
-from archer_async.weight_receiver import WeightReceiver  # noqa: E402
-from archer_async.weight_sender import WeightSender  # noqa: E402
-from archer_async.weight_transfer import _gloo_broadcast_chunks, free_port, make_sync_init  # noqa: E402
+from actors.weight_receiver import WeightReceiver
+from learner.weight_sender import WeightSender
+from archer_async.weight_sync import gloo_broadcast_chunks, free_port, make_sync_init
 
 
 def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:
@@ -71,9 +69,9 @@ def payload(size_mb: float) -> list[tuple[str, torch.Tensor]]:
         try:
             from safetensors.torch import load_file
 
-            from archer_async.tiny import tiny_model_path
+            from archer_async.config import TINY_MODEL_DIR
 
-            path = tiny_model_path()
+            path = TINY_MODEL_DIR
             files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
             if files:
                 sd = {}
@@ -131,7 +129,7 @@ def _receiver(rank: int, world: int, init: dict, raw_port: int, store_port: int,
                 if bounds is None:
                     dist.broadcast(buf, src=0)
                 else:
-                    _gloo_broadcast_chunks(dist.group.WORLD, bounds, lambda s, e, b=buf: b[s:e], time.monotonic() + 300)
+                    gloo_broadcast_chunks(dist.group.WORLD, bounds, lambda s, e, b=buf: b[s:e], time.monotonic() + 300)
             dist.barrier()
         elif cmd[0] == "fresh":
             pg = _fresh_group(store, cmd[2], rank, world)
@@ -222,7 +220,7 @@ def main() -> None:
 
         def run_raw(pack: bool) -> float:
             """The raw limit: one broadcast of the packed payload per bucket. pack=True: the separate tensors,
-            laid out, chunked and packed inside the timing exactly as WeightSender does (`_gloo_broadcast_chunks`),
+            laid out, chunked and packed inside the timing exactly as WeightSender does (`gloo_broadcast_chunks`),
             without its announcement and acknowledgement."""
             for q in qs:
                 q.put(("raw", sizes, chunk_plan if pack else None, tag))
@@ -234,8 +232,8 @@ def main() -> None:
                     continue
                 layout = bucket_layout(bucket)
                 n = layout["nbytes"]
-                packer = _ChunkPacker(_byte_sources(bucket, layout["offsets"]), pack_buf[:n])
-                _gloo_broadcast_chunks(dist.group.WORLD, sender_chunks(layout), packer.chunk, time.monotonic() + 300)
+                packer = ChunkPacker(byte_sources(bucket, layout["offsets"]), pack_buf[:n])
+                gloo_broadcast_chunks(dist.group.WORLD, sender_chunks(layout), packer.chunk, time.monotonic() + 300)
             dist.barrier()
             return time.perf_counter() - t0
 

@@ -1,6 +1,6 @@
 """Memory the buffer keeps per group it has stored, once the group is finished (consumed).
 
-    .venv/bin/python bench/bench_table_memory.py [--groups 10000] [--samples 8]
+    .venv/bin/python -m bench.bench_table_memory [--groups 10000] [--samples 8]
 
 A long run keeps one table entry per group it ever stored (duplicate detection, rewind to a
 checkpoint), so this is the buffer's growth rate per trained group. Ingests `--groups` groups of
@@ -11,17 +11,14 @@ batch of 250 to a learner, and reports Python heap bytes (tracemalloc) per finis
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from archer_async.config import BufferConfig  # noqa: E402
-from buffer.store import BufferStore  # noqa: E402
-from buffer.table import GroupMeta  # noqa: E402
+from archer_async.config import BufferConfig
+from buffer.store import BufferStore
+from buffer.table import GroupMeta
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """archer-async vs TRL's GRPOTrainer on the same tiny workload, one after the other in one invocation.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_trl.py [--steps 10] [--warmup 2] [--rounds 1] \
+    .venv/bin/python -m bench.bench_trl [--steps 10] [--warmup 2] [--rounds 1] \
         [--trl-venv /tmp/trl-venv] [--setup] [--archer-variant "learner.num_ranks=1" ...]
 
 Workload (both sides): the embedded tiny model (archer_async/assets/tiny, fp32), the embedded task
@@ -8,7 +8,7 @@ data as written by `archer-async make-data` (train.jsonl, chat prompts), 8 promp
 step (group size 8), at most 64 new tokens, temperature 1.0, top_p 1.0, lr 1e-4, one optimizer step
 per batch of 64 completions (micro-batches of 16), every group trained (none filtered for equal
 rewards), KL coefficient 0.001 against a frozen reference model, rewards from the project's own
-graders (`archer_async.rewards.RewardPool`: math-verify for the arithmetic, the bubblewrap sandbox
+graders (`rewards.RewardPool`: math-verify for the arithmetic, the bubblewrap sandbox
 for the programs), imported into the TRL venv from this checkout via PYTHONPATH.
 
 - archer-async: `archer-async train` (async mode, the embedded tiny default config: 2 vLLM actors +
@@ -61,9 +61,8 @@ def trl_worker(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    sys.path.insert(0, str(ROOT))
     from archer_async.config import RewardsConfig
-    from archer_async.rewards import RewardPool
+    from rewards import RewardPool
 
     rows = [json.loads(line) for line in open(args.data)]
     ds = Dataset.from_list([{"prompt": r["prompt"], "data_source": r["data_source"],
@@ -123,11 +122,10 @@ def setup_trl_venv(venv: Path) -> None:
 
 def run_trl(venv: Path, steps: int, data: Path, out: Path, threads: int) -> dict:
     model = ROOT / "archer_async/assets/tiny"
-    cmd = [str(venv / "bin/python"), str(Path(__file__).resolve()), "trl-worker", "--steps", str(steps),
+    cmd = [str(venv / "bin/python"), "-m", "bench.bench_trl", "trl-worker", "--steps", str(steps),
            "--data", str(data), "--model", str(model), "--out", str(out), "--threads", str(threads)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     load0, t0 = os.getloadavg()[0], time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     (out.parent / (out.name + ".log")).write_text(p.stdout + p.stderr)
     res = {"rc": p.returncode, "wall_s": time.time() - t0, "load_before": load0, "load_after": os.getloadavg()[0]}
     for line in p.stdout.splitlines():
@@ -172,9 +170,7 @@ def main() -> None:
         ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
         trl_worker(ap.parse_args())
         return
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_async import read_rows, run_archer, summarize
+    from bench.bench_async import read_rows, run_archer, summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)

@@ -1,6 +1,6 @@
 """Chaos harness: SIGKILL roles of a tiny run at random moments, then prove exactly-once accounting.
 
-    python bench/chaos.py --run-dir /tmp/chaos --seed 0 --kills 20 --steps 200 --time-limit 3000
+    python -m bench.chaos --run-dir /tmp/chaos --seed 0 --kills 20 --steps 200 --time-limit 3000
 
 Seeded (the kill schedule and the waits come from `random.Random(seed)`), bounded in time
 (--time-limit, every wait has a deadline), loopback only (the run's own Ray cluster). Kinds of kill:
@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 KINDS = ("actor", "reward", "engine", "buffer", "learner")
 STOPPING = ("buffer", "learner")
 
@@ -52,7 +50,7 @@ def account(run_dir: str | os.PathLike, max_reuse: Optional[int] = None) -> dict
 
         conf = yaml.safe_load((Path(run_dir) / "config.resolved.yaml").read_text()) or {}
         max_reuse = int(conf.get("buffer", {}).get("max_reuse", 1))
-    from archer_async import trained_ids
+    from learner import trained_ids
     from archer_async.config import BufferConfig
     from buffer.segment_log import SegmentLog
     from buffer.store import REC_DROP, REC_GROUP, BufferStore, _DROP_DEC, parse_group_record
@@ -166,7 +164,7 @@ def find_target(run_dir: Path, kind: str, rng: random.Random, num_actors: int, n
         actor = f"actor{rng.randrange(num_actors)}"
         if actor not in pids:
             return None
-        mark = "archer_async.rewards.math_worker" if kind == "reward" else "EngineCore"
+        mark = "rewards.math_worker" if kind == "reward" else "EngineCore"
         workers = [p for p in _children(int(pids[actor])) if mark in " ".join(_safe_cmdline(p)) + _safe_name(p)]
         if not workers:
             return None
@@ -198,7 +196,7 @@ class Driver:
         self.f = open(log_path, "ab")
         self.start_offset = self.f.tell()
         self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "archer_async.cli", *args], stdout=self.f,
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=self.f,
                                      stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)
 
     def output(self) -> str:
@@ -239,7 +237,7 @@ def _pids_since(run_dir: Path, t: float) -> bool:
 
 
 def _trained_since(run_dir: Path, t: float) -> bool:
-    from archer_async import trained_ids
+    from learner import trained_ids
 
     try:
         return trained_ids.path_of(run_dir).stat().st_mtime >= t
@@ -248,7 +246,7 @@ def _trained_since(run_dir: Path, t: float) -> bool:
 
 
 def _trained_steps(run_dir: Path) -> int:
-    from archer_async import trained_ids
+    from learner import trained_ids
 
     rows = trained_ids.read_rows(run_dir)
     return max((r["step"] for r in rows), default=0)

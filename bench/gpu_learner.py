@@ -1,8 +1,8 @@
 """One-GPU learner benchmark: tokens/s and MFU of a training step of a random-init Qwen2-1.5B, and the
 time to gather and send its weights.
 
-    PYTHONPATH=. python bench/gpu_learner.py                 # Qwen2-1.5B shape, bf16, sequence 4096
-    PYTHONPATH=. python bench/gpu_learner.py --tiny          # tiny shape; runs on CPU too (smoke test)
+    python -m bench.gpu_learner                 # Qwen2-1.5B shape, bf16, sequence 4096
+    python -m bench.gpu_learner --tiny          # tiny shape; runs on CPU too (smoke test)
 
 What it does (no model download, no vLLM): builds a random-init model of the Qwen2-1.5B configuration
 (28 layers, hidden 1536, 12 heads / 2 KV heads of 128, MLP 8960, vocab 151936, tied embeddings) in a
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
@@ -80,7 +77,7 @@ def make_groups(n_samples: int, seq: int, prompt: int, vocab: int):
 
 def receiver(init: dict, version: int, out_q) -> None:
     """Stand-alone weight receiver on the host: receive one update, report bytes and seconds."""
-    from archer_async.weight_receiver import WeightReceiver
+    from actors.weight_receiver import WeightReceiver
 
     rx = WeightReceiver(init)
     rx.connect()
@@ -118,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from archer_async.config import Config
-    from archer_async.weight_transfer import make_sync_init
+    from archer_async.weight_sync import make_sync_init
     from learner.trainer import Learner
 
     gpu = torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """Soak: run the tiny default for a long time and watch each role's resident memory and the process count.
 
-    python bench/soak.py --run-dir /tmp/soak --minutes 120 --every 30
+    python -m bench.soak --run-dir /tmp/soak --minutes 120 --every 30
 
 Starts `archer-async train` (total_steps large, so the time limit ends it), samples every `--every`
 seconds the RSS of each role's process tree (RUN_DIR/pids.json: driver, buffer, learner ranks, actors;
@@ -94,7 +94,7 @@ def main() -> int:
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind",
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     log = open(f"{rd}.driver.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "archer_async.cli", "train", f"run_dir={rd}",
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", f"run_dir={rd}",
                              "learner.total_steps=100000", "launch.eval_every=0", "dashboard.enabled=false",
                              "learner.checkpoint_every=20", *a.overrides],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)

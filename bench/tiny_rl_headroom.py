@@ -1,12 +1,11 @@
 """Does RL have room on the shipped tiny model? A minimal on-policy GRPO loop in plain transformers.
 
 Not the project's trainer: a single-process check of the warm start's headroom. Each step samples
-`--groups` training prompts x `--n` responses at T=1.0, grades them (the project's reward pool when
-it can start, else the built-in check), and takes one AdamW step on the group-normalised
+`--groups` training prompts x `--n` responses at T=1.0, grades them (the project's reward pool), and takes one AdamW step on the group-normalised
 policy-gradient loss (token-mean per response, mean over responses). Held-out avg@k at T=0.8 before
 and after, on the same problems with the same seed.
 
-    .venv/bin/python bench/tiny_rl_headroom.py --minutes 5
+    .venv/bin/python -m bench.tiny_rl_headroom --minutes 5
 """
 
 from __future__ import annotations
@@ -18,13 +17,16 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from archer_async.config import TINY_MODEL_DIR, RewardsConfig
+from archer_async.data import prompt_ids
 from archer_async.taskgen import generate_tasks
-from archer_async.tiny import Grader, evaluate, generate, prompt_ids, tiny_model_path
+from launch.tiny_build import evaluate, generate, grade
+from rewards import RewardPool
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(tiny_model_path()))
+    ap.add_argument("--model", default=str(TINY_MODEL_DIR))
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
@@ -39,8 +41,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     train, evals = generate_tasks(2000, 200, 0)
     evals = evals[: args.eval_problems]
-    grader = Grader()
-    before = evaluate(model, tok, evals, k=args.k, seed=args.seed, grader=grader)
+    pool = RewardPool(RewardsConfig())
+    before = evaluate(model, tok, evals, k=args.k, seed=args.seed, pool=pool)
     print("before", json.dumps({k: before[k]["all"] for k in ("greedy", "t0.8")}), flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -51,7 +53,7 @@ def main() -> None:
         rows = [train[i] for i in idx]
         model.eval()
         texts = generate(model, tok, rows, n=args.n, temperature=1.0, max_new_tokens=64, seed=args.seed + step)
-        rewards = grader(rows, texts)
+        rewards = grade(pool, rows, texts)
         model.train()
         seqs, advs = [], []
         for row, resp, rw in zip(rows, texts, rewards):
@@ -85,8 +87,8 @@ def main() -> None:
         step += 1
         print(f"step {step} t={time.perf_counter() - t0:.0f}s reward/mean {mean_r:.3f} trained {len(seqs)}", flush=True)
     model.eval()
-    after = evaluate(model, tok, evals, k=args.k, seed=args.seed, grader=grader)
-    grader.close()
+    after = evaluate(model, tok, evals, k=args.k, seed=args.seed, pool=pool)
+    pool.close()
     print("after", json.dumps({k: after[k]["all"] for k in ("greedy", "t0.8")}), flush=True)
     print(json.dumps({"steps": step, "grader": before["grader"], "before": before, "after": after}, indent=1))
 

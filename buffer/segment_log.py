@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from archer_async.config import UserError
+from archer_async.fsio import fsync_dir
 
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31
@@ -195,13 +196,6 @@ def _write_all(fd: int, bufs: list) -> None:
                 mv = mv[k:]
         i += len(chunk)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SegmentLog:
@@ -417,7 +411,7 @@ class SegmentLog:
             self._written = os.fstat(self._fd).st_size
             self._dropped = 0
             if created:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         assert self._fd_segment == point.segment and self._written == point.start, (point, self._written)
         if self.direct and self.deferred and point.start % BLOCK == 0 and point.size % BLOCK == 0:
             try:
@@ -444,7 +438,7 @@ class SegmentLog:
         framed into the page-aligned staging buffer, written in pieces of at most _STAGE_BYTES.
 
         No page cache: none to fill, write back and drop afterwards. On the benchmark VM this took the
-        buffer's durable ingest from ~2,900 to ~3,600 groups/s of 229 KB (bench/RESULTS_buffer.md)."""
+        buffer's durable ingest from ~2,900 to ~3,600 groups/s of 229 KB (bench/results/buffer.md)."""
         if self._dfd is None:
             try:
                 self._dfd = os.open(self._path(point.segment, False), os.O_WRONLY | os.O_DIRECT)
@@ -504,7 +498,7 @@ class SegmentLog:
         os.close(fd)
         os.rename(self._path(self._fd_segment, False), self._path(self._fd_segment, True))
         if self.fsync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         self._written = self._dropped = 0
 
     # ------------------------------------------------------------------ read

@@ -3,7 +3,7 @@
 Two ROUTER sockets (RUN_DIR/buffer/endpoints.json names them): ``ingest`` takes ``put`` messages
 (one encoded TrajectoryGroup each) and acknowledges groups once their records are durable (one ack
 message per producer per group commit, listing [rid, status, group_id] of each of its groups);
-``control`` serves sample / stats / admission / reserve / release / set_version / rewind / ping.
+``control`` serves every other op of `archer_async.wire.Op` (one handler per op, `_HANDLERS`).
 Every message carries a MAC under the run's secret over all its bytes (archer_async.wire); others
 are counted and refused. One thread runs the loop (receive, verify, index, queue log records, reply);
 two helper threads write the queued records and fsync them (group commit: one fsync for everything
@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import msgspec
 import zmq
 
 from archer_async import wire
 from archer_async.config import BufferConfig, Config
+from archer_async.fsio import atomic_write_json
+from archer_async.types import join_groups
 from buffer.store import BufferStore, group_meta, meta_from_header
 from buffer.table import RestoreError
 
@@ -111,7 +112,7 @@ class BufferServer:
         self.ingest = self._socket()
         self.control = self._socket()
         self.endpoints = self._bind()
-        wire.write_json_atomic(wire.endpoints_path(run_dir), self.endpoints)
+        atomic_write_json(wire.endpoints_path(run_dir), self.endpoints, indent=1, sort_keys=True)
         s = self.store.stats()
         log.info("buffer serving ingest=%s control=%s: %d groups stored, %d ready, version %d, %d bytes on disk",
                  self.endpoints["ingest"], self.endpoints["control"], s["stored_total"], s["ready"],
@@ -170,7 +171,7 @@ class BufferServer:
         history.append({"time": time.time(), "segment": tail.segment, "valid_bytes": tail.valid_bytes,
                         "file_bytes": tail.file_bytes, "truncated_bytes": tail.truncated_bytes,
                         "reason": tail.reason})
-        wire.write_json_atomic(path, history)
+        atomic_write_json(path, history, indent=1, sort_keys=True)
 
     # ------------------------------------------------------------------ messages
     def _drain(self, sock: zmq.Socket, max_msgs: int) -> list:
@@ -185,19 +186,20 @@ class BufferServer:
         return msgs
 
     def _verify(self, sock: zmq.Socket, frames: list):
-        """(ident, header, payload) of an authentic message, else None (counted, refused)."""
+        """(ident, typed request, payload) of an authentic, well-formed message, else None (counted,
+        refused)."""
         ident = frames[0].bytes
+        header: dict = {}
         try:
             header, payload = self.signer.unpack(wire.PROTO_REQ, frames[1:])
-            wire.get_int(header, "rid")
-            wire.get_str(header, "op")
-            return ident, header, payload
+            return ident, wire.parse_request(header), payload
         except wire.AuthError:
             self.counters["rejected_auth"] += 1
             sock.send_multipart([ident, wire.PROTO_REP, wire.UNAUTHENTICATED_REPLY_HEADER, b"", bytes(wire.MAC_BYTES)])
         except wire.FrameError as e:
             self.counters["rejected_malformed"] += 1
-            self._reply(sock, ident, {"rid": -1, "status": "error", "error": str(e)})
+            rid = header.get("rid") if isinstance(header.get("rid"), int) else -1
+            self._reply(sock, ident, {"rid": rid, "status": "error", "error": str(e)})
         return None
 
     def _reply(self, sock: zmq.Socket, ident: bytes, header: dict, payload: bytes = b"") -> None:
@@ -210,24 +212,20 @@ class BufferServer:
 
     # ------------------------------------------------------------------ handlers
     def _prepare_puts(self, msgs: list) -> list:
-        """Decode and validate put messages: [(ident, rid, meta, payload, client, reserved)]."""
+        """Check put messages and index their groups: [(ident, rid, meta, payload, client, held)]."""
         out = []
-        for ident, header, payload in msgs:
+        for ident, req, payload in msgs:
             try:
-                if header["op"] != "put":
-                    raise wire.FrameError(f"op {header['op']!r} is not served on the ingest socket")
-                if "meta" in header:
-                    meta = meta_from_header(header["meta"], payload, self.cfg.verify_payload)
+                if not isinstance(req, wire.Put):
+                    raise wire.FrameError(f"op {req.__struct_config__.tag!r} is not served on the ingest socket")
+                if req.meta is not None:
+                    meta = meta_from_header(req.meta, payload, self.cfg.verify_payload)
                 else:
                     meta = group_meta(payload)
-                client = wire.get_str(header, "client", "")
-                held = header.get("held")
-                if held is not None and (not isinstance(held, int) or held < 0):
-                    raise wire.FrameError("held must be a non-negative integer")
-                out.append((ident, header["rid"], meta, payload, client, held))
-            except (ValueError, KeyError, TypeError) as e:
+                out.append((ident, req.rid, meta, payload, req.client, req.held))
+            except ValueError as e:
                 self.counters["rejected_malformed"] += 1
-                self._reply(self.ingest, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+                self._reply(self.ingest, ident, {"rid": req.rid, "status": "error", "error": str(e)})
         return out
 
     def _apply_puts(self, prepared: list, staged: list) -> None:
@@ -258,63 +256,61 @@ class BufferServer:
         s["metrics"] = {"buffer/size": s["size"], "buffer/dropped_stale": s["dropped_stale"]}
         return s
 
-    def _handle_control(self, ident: bytes, header: dict, staged: list) -> None:
-        op, rid = header["op"], header["rid"]
+    # one handler per control op: (ident, typed request, staged replies)
+    def _ping(self, ident: bytes, req: wire.Ping, staged: list) -> None:
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok"})
+
+    def _stats(self, ident: bytes, req: wire.Stats, staged: list) -> None:
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", "stats": self.stats()})
+
+    def _admission_op(self, ident: bytes, req: wire.Admission, staged: list) -> None:
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", **self._admission()})
+
+    def _reserve(self, ident: bytes, req: wire.Reserve, staged: list) -> None:
         t = self.store.table
-        client = wire.get_str(header, "client", "")
-        if op == "ping":
-            self._reply(self.control, ident, {"rid": rid, "status": "ok"})
-        elif op == "stats":
-            self._reply(self.control, ident, {"rid": rid, "status": "ok", "stats": self.stats()})
-        elif op == "admission":
-            self._reply(self.control, ident, {"rid": rid, "status": "ok", **self._admission()})
-        elif op == "reserve":
-            want, held = wire.get_int(header, "want", 0), wire.get_int(header, "held", 0)
-            if want < 0 or held < 0:
-                raise wire.FrameError("want and held must be >= 0")
-            t.in_flight[client] = held
-            granted = min(want, t.headroom())
-            t.in_flight[client] += granted
-            self._reply(self.control, ident, {"rid": rid, "status": "ok", "granted": granted, **self._admission()})
-        elif op == "release":
-            n = wire.get_int(header, "n", 1)
-            t.in_flight[client] = max(0, t.in_flight.get(client, 0) - max(n, 0))
-            self._reply(self.control, ident, {"rid": rid, "status": "ok", **self._admission()})
-        elif op == "set_version":
-            self.store.set_version(wire.get_int(header, "version"))
-            staged.append((self.control, ident, {"rid": rid, "status": "ok"}, b""))
-        elif op == "rewind":
-            state = header.get("state")
-            if not isinstance(state, dict):
-                raise wire.FrameError("rewind needs a consumed_state map")
-            try:
-                self.store.rewind(state)
-            except RestoreError as e:
-                self._reply(self.control, ident, {"rid": rid, "status": "error", "error": str(e)})
-                return
-            self._waiting.clear()
-            staged.append((self.control, ident, {"rid": rid, "status": "ok",
-                                                 "consumed_state": t.consumed_state()}, b""))
-        elif op == "sample":
-            n, version = wire.get_int(header, "n"), wire.get_int(header, "version")
-            req, wait_ms = wire.get_str(header, "req", ""), wire.get_int(header, "wait_ms", 0)
-            if n <= 0 or version < 0:
-                raise wire.FrameError("sample needs n > 0 and version >= 0")
-            w = _Waiting(ident, rid, n, version, req, time.monotonic() + min(max(wait_ms, 0), _MAX_WAIT_MS) / 1e3)
-            if not self._try_sample(client, w, staged):
-                if wait_ms > 0:
-                    self._waiting[client] = w
-                else:
-                    self._reply(self.control, ident, {"rid": rid, "status": "timeout", **self._admission()})
-        else:
-            raise wire.FrameError(f"unknown op {op!r}")
+        t.in_flight[req.client] = req.held
+        granted = min(req.want, t.headroom())
+        t.in_flight[req.client] += granted
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", "granted": granted, **self._admission()})
+
+    def _release(self, ident: bytes, req: wire.Release, staged: list) -> None:
+        t = self.store.table
+        t.in_flight[req.client] = max(0, t.in_flight.get(req.client, 0) - req.n)
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", **self._admission()})
+
+    def _set_version(self, ident: bytes, req: wire.SetVersion, staged: list) -> None:
+        self.store.set_version(req.version)
+        staged.append((self.control, ident, {"rid": req.rid, "status": "ok"}, b""))
+
+    def _rewind(self, ident: bytes, req: wire.Rewind, staged: list) -> None:
+        try:
+            self.store.rewind(req.state)
+        except RestoreError as e:
+            self._reply(self.control, ident, {"rid": req.rid, "status": "error", "error": str(e)})
+            return
+        self._waiting.clear()
+        staged.append((self.control, ident, {"rid": req.rid, "status": "ok",
+                                             "consumed_state": self.store.table.consumed_state()}, b""))
+
+    def _sample(self, ident: bytes, req: wire.Sample, staged: list) -> None:
+        w = _Waiting(ident, req.rid, req.n, req.version, req.req,
+                     time.monotonic() + min(req.wait_ms, _MAX_WAIT_MS) / 1e3)
+        if not self._try_sample(req.client, w, staged):
+            if req.wait_ms > 0:
+                self._waiting[req.client] = w
+            else:
+                self._reply(self.control, ident, {"rid": req.rid, "status": "timeout", **self._admission()})
+
+    _HANDLERS = {wire.Ping: _ping, wire.Stats: _stats, wire.Admission: _admission_op, wire.Reserve: _reserve,
+                 wire.Release: _release, wire.SetVersion: _set_version, wire.Rewind: _rewind,
+                 wire.Sample: _sample}
 
     def _try_sample(self, consumer: str, w: _Waiting, staged: list) -> bool:
         res = self.store.sample(w.n, w.version, consumer, w.req)
         if res is None:
             return False
         entries, payloads = res
-        body = msgspec.msgpack.encode([msgspec.Raw(p) for p in payloads])
+        body = join_groups(payloads)
         staged.append((self.control, w.ident, {
             "rid": w.rid, "status": "ok", "gids": [e.meta.group_id for e in entries],
             "consumed_state": self.store.table.consumed_state(), "version": w.version}, body))
@@ -363,18 +359,24 @@ class BufferServer:
                 for frames in self._drain(self.control, 256):
                     m = self._verify(self.control, frames)
                     if m is not None:
-                        self._control(*m)
+                        self._control(m[0], m[1])
             if self.ingest in events:
                 self._ingest_batch()
             self._serve_waiting(self._staged)
             self._commit()
 
-    def _control(self, ident: bytes, header: dict, _payload) -> None:
-        try:
-            self._handle_control(ident, header, self._staged)
-        except (wire.FrameError, KeyError, TypeError, ValueError) as e:
+    def _control(self, ident: bytes, req: wire.Request) -> None:
+        handler = self._HANDLERS.get(type(req))
+        if handler is None:  # a put on the control socket
             self.counters["rejected_malformed"] += 1
-            self._reply(self.control, ident, {"rid": header.get("rid", -1), "status": "error", "error": str(e)})
+            self._reply(self.control, ident, {"rid": req.rid, "status": "error",
+                                              "error": f"op {req.__struct_config__.tag!r} is not served on the control socket"})
+            return
+        try:
+            handler(self, ident, req, self._staged)
+        except (KeyError, TypeError, ValueError) as e:
+            self.counters["rejected_malformed"] += 1
+            self._reply(self.control, ident, {"rid": req.rid, "status": "error", "error": str(e)})
 
     def _ingest_batch(self) -> None:
         """Take up to max_commit_batch puts, in chunks of _CHUNK: each chunk is verified and appended,

@@ -16,10 +16,11 @@ from typing import Optional, Union
 from archer_async import wire
 from archer_async.buffer_client import BufferClient
 from archer_async.config import BufferConfig, Config
+from archer_async.roles import BufferRole
 from buffer.server import serve
 
 
-class BufferService:
+class BufferService(BufferRole):
     """Runs `buffer.server.serve` in a thread; metrics come over the authenticated control socket."""
 
     def __init__(self, cfg: Union[Config, BufferConfig, dict, None], run_dir: str | os.PathLike,
@@ -62,7 +63,7 @@ class BufferService:
         return self._client.stats()
 
     def metrics(self) -> dict:
-        """Flat numeric metrics named as in ARCHITECTURE.md (buffer/size, buffer/dropped_stale) plus
+        """Flat numeric metrics named as in docs/architecture.md (buffer/size, buffer/dropped_stale) plus
         buffer/ready, buffer/accepted, buffer/in_flight, buffer/dropped_filtered, ... ."""
         s = self.stats()
         out = {f"buffer/{k}": v for k, v in s.items()

@@ -29,7 +29,7 @@ from typing import Optional
 import msgspec
 
 from archer_async.config import BufferConfig
-from archer_async.types import Reward
+from archer_async.types import GroupHeader, Reward
 from buffer.segment_log import LogCorruptError, SegmentLog
 from buffer.table import DropInfo, Entry, GroupMeta, Table, is_slim
 
@@ -81,33 +81,20 @@ _CHECK_DEC = msgspec.msgpack.Decoder(_GroupCheck)
 
 
 def group_meta(payload) -> GroupMeta:
-    """GroupMeta of an encoded TrajectoryGroup; ValueError when it is not a valid group."""
+    """GroupMeta of an encoded TrajectoryGroup (the header derived from its bytes); ValueError when
+    it is not a valid group."""
     try:
         g = _VIEW_DEC.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ValueError(f"not a TrajectoryGroup: {e}") from None
     if not g.group_id or not g.samples:
         raise ValueError("group without id or samples")
-    mins = [min(s.token_versions) if s.token_versions else 0 for s in g.samples]
-    maxs = [max(s.token_versions) if s.token_versions else 0 for s in g.samples]
-    return GroupMeta(
-        group_id=g.group_id, min_version=min(mins), max_version=max(maxs), actor_id=g.actor_id,
-        prompt_index=g.prompt_index, sample_ids=[s.sample_id for s in g.samples],
-        reward_statuses=[s.reward.status for s in g.samples],
-        num_tokens=sum(len(s.token_versions) for s in g.samples), created_at=g.created_at,
-        nbytes=len(payload))
+    return with_size(GroupHeader.of(g), len(payload))
 
 
-class _ProducerMeta(msgspec.Struct):
-    gid: str
-    minv: int
-    maxv: int
-    sids: list[str]
-    rws: list[str]
-    ntok: int
-    pidx: int
-    actor: str = ""
-    ts: float = 0.0
+def with_size(header: GroupHeader, nbytes: int) -> GroupMeta:
+    """The GroupMeta of a group with this header whose encoding has `nbytes` bytes."""
+    return GroupMeta(**msgspec.structs.asdict(header), nbytes=nbytes)
 
 
 _GID_KEY = msgspec.msgpack.encode("group_id")
@@ -128,29 +115,23 @@ def check_group_prefix(payload, group_id: str) -> None:
         raise ValueError(f"payload does not start with group_id {group_id!r} of its header")
 
 
-def meta_from_header(header_meta, payload, verify: bool = True) -> GroupMeta:
-    """GroupMeta from the producer's put header (BufferClient's group_header). verify: decode the
-    payload and check it is a TrajectoryGroup with the same id, sample ids and rewards; otherwise
-    only check_group_prefix (the producer is authenticated by the MAC). ValueError if not."""
-    try:
-        m = msgspec.convert(header_meta, _ProducerMeta)
-    except (msgspec.ValidationError, TypeError) as e:
-        raise ValueError(f"bad group header: {e}") from None
-    if not m.gid or not m.sids or len(m.sids) != len(m.rws):
+def meta_from_header(header: GroupHeader, payload, verify: bool = True) -> GroupMeta:
+    """GroupMeta from the producer's put header (`GroupHeader.of` the group). verify: decode the payload
+    and check it is a TrajectoryGroup with the same id, sample ids and rewards; otherwise only
+    check_group_prefix (the producer is authenticated by the MAC). ValueError if not."""
+    if not header.group_id or not header.sample_ids or len(header.sample_ids) != len(header.reward_statuses):
         raise ValueError("group header without id or samples")
     if not verify:
-        check_group_prefix(payload, m.gid)
+        check_group_prefix(payload, header.group_id)
     else:
         try:
             g = _CHECK_DEC.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ValueError(f"not a TrajectoryGroup: {e}") from None
-        if (g.group_id != m.gid or [s.sample_id for s in g.samples] != m.sids
-                or [s.reward.status for s in g.samples] != m.rws):
+        if (g.group_id != header.group_id or [s.sample_id for s in g.samples] != header.sample_ids
+                or [s.reward.status for s in g.samples] != header.reward_statuses):
             raise ValueError(f"group {g.group_id!r} does not match its header")
-    return GroupMeta(group_id=m.gid, min_version=m.minv, max_version=m.maxv, actor_id=m.actor,
-                     prompt_index=m.pidx, sample_ids=m.sids, reward_statuses=m.rws, num_tokens=m.ntok,
-                     created_at=m.ts, nbytes=len(payload))
+    return with_size(header, len(payload))
 
 
 def parse_group_record(body) -> tuple[int, GroupMeta, memoryview]:
@@ -236,7 +217,7 @@ class BufferStore:
         Memory holds only the index: a payload is held until its record is written (by the log's
         queue), never as a second copy. That bounds the buffer's memory by its index whatever the
         groups weigh, and costs the ingest path less than keeping every received message alive
-        (bench/RESULTS_buffer.md); a delivery reads B records back (checked against their XXH3)."""
+        (bench/results/buffer.md); a delivery reads B records back (checked against their XXH3)."""
         return bytes(self._group_record(e)[2])
 
     def _group_record(self, e: Entry) -> tuple[int, GroupMeta, memoryview]:

@@ -26,20 +26,13 @@ from typing import Optional
 import msgspec
 
 from archer_async.config import UserError
+from archer_async.types import GroupHeader, no_signal
 
 
-class GroupMeta(msgspec.Struct, frozen=True):
-    """What the buffer knows about a stored group without its payload (kept in the log record)."""
+class GroupMeta(GroupHeader, frozen=True):
+    """What the buffer knows about a stored group without its payload (kept in the log record): the
+    producer's GroupHeader plus the size of the encoded group."""
 
-    group_id: str
-    min_version: int
-    max_version: int
-    actor_id: str
-    prompt_index: int
-    sample_ids: list[str]
-    reward_statuses: list[str]
-    num_tokens: int
-    created_at: float
     nbytes: int
 
 
@@ -65,14 +58,10 @@ class RestoreError(UserError):
 
 
 def filter_reason(reward_statuses: list[str]) -> Optional[str]:
-    """Why a group carries no training signal, or None. ALGORITHM.md section 6: an infra-error reward
-    drops the whole group; all-equal rewards give zero advantages (solve_none / solve_all)."""
-    if any(s == "infra_error" for s in reward_statuses):
-        return "filtered:infra_error"
-    values = {1.0 if s == "pass" else 0.0 for s in reward_statuses}
-    if len(values) == 1:
-        return "filtered:solve_all" if values == {1.0} else "filtered:solve_none"
-    return None
+    """The drop reason ("filtered:<why>") of a group that cannot train (`archer_async.types.no_signal`),
+    or None."""
+    why = no_signal(reward_statuses)
+    return None if why is None else "filtered:" + why
 
 
 _NO_IDS: list = []

@@ -36,9 +36,9 @@ class Preflight:
 def preflight(cfg: Config, resume: bool) -> Preflight:
     """Model directory, data files, checkpoint: UserError naming the key or file, before any process starts."""
     from archer_async.data import default_datasets
-    from archer_async.tiny import tiny_model_path
+    from archer_async.config import TINY_MODEL_DIR
 
-    model = Path(cfg.model.path) if cfg.model.path else tiny_model_path()
+    model = Path(cfg.model.path) if cfg.model.path else TINY_MODEL_DIR
     if not model.is_dir():
         raise UserError(f"model.path {str(model)!r}: directory not found")
     cfg_file = model / "config.json"
@@ -68,7 +68,7 @@ def check_buffer_log(run_dir: Path, timeout_s: float = 300.0) -> None:
     UserError naming it, before any process starts; a torn tail is fine (the buffer truncates it)."""
     if not (run_dir / "buffer" / "log").is_dir():
         return
-    cmd = [sys.executable, "-m", "archer_async.cli", "buffer", "inspect", str(run_dir)]
+    cmd = [sys.executable, "-m", "launch.cli", "buffer", "inspect", str(run_dir)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if r.returncode != 0:
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -182,7 +182,7 @@ def stop_ray() -> None:
 
 def make_sync(cfg: Config, host: str, store_port: int):
     """The weight-transfer rendezvous (learner rank 0 + one receiver per actor)."""
-    from archer_async.weight_transfer import make_sync_init
+    from archer_async.weight_sync import make_sync_init
 
     backend = cfg.sync.backend
     if backend == "auto":

@@ -1,14 +1,13 @@
-"""`archer-async eval --model PATH --data FILE [--k K]`: avg@K and pass@K (ALGORITHM.md section 9).
+"""`archer-async eval --model PATH --data FILE [--k K]`: avg@K and pass@K (docs/algorithm.md section 9).
 
-Generation runs on one vLLM engine (the actors' engine wrapper, no weight updates); every response
-is graded by the reward pool with all of its tests (the sandbox for code, math-verify for math).
+Generation runs on one vLLM engine: an actor role built in this process (through the role contract,
+`archer_async.roles.ACTOR`, with no buffer and no weight updates); every response is graded by the reward pool with all of its tests (the sandbox for code, math-verify for math).
 Problems go through in chunks, with a progress bar; the report is printed and optionally written
 as JSON (atomically).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import sys
@@ -16,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from archer_async import roles
 from archer_async.config import Config, UserError
-from archer_async.evaluation import summarize
-from archer_async.runlog import atomic_write_text
+from launch.evaluation import summarize
+from archer_async.fsio import atomic_write_text
 
 
 def eval_main(args) -> int:
@@ -44,9 +44,8 @@ def eval_main(args) -> int:
 
     print(f"[archer-async] evaluating {model} on {len(rows)} problems x {args.k} samples "
           f"(T={args.temperature}, max {args.max_tokens} tokens)", file=sys.stderr, flush=True)
-    rollout = importlib.import_module("actors.rollout")  # the actors' engine wrapper, by module path
     try:
-        actor = rollout.RolloutActor(cfg, 0, cfg.run_dir, connect_buffer=False)
+        actor = roles.construct(roles.ACTOR, cfg, 0, cfg.run_dir, connect_buffer=False)
     except BaseException:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         raise

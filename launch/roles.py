@@ -1,15 +1,19 @@
-"""Placing roles on a Ray cluster.
+"""Placing roles on a Ray cluster and calling them.
 
-A role is a plain Python class in its package (`buffer.service:BufferService`, `learner.trainer:Learner`,
-`actors.rollout:RolloutActor`); none of them knows about Ray. `RoleHost` is the one Ray actor class: it
-imports the role by module path inside its worker process, sends that process's output to
-RUN_DIR/logs/<role>.log, and forwards method calls. Placement comes from the resources each role
-declares in the config (CPUs, GPUs, a node label).
+A role is a plain Python class in its package, named with its protocol in the role contract
+(`archer_async.roles`); none of them knows about Ray. `RoleHost` is the one Ray actor class: it builds
+the role by module path inside its worker process, sends that process's output to
+RUN_DIR/logs/<role>.log, and forwards method calls. `RoleHandle` is how the launcher calls a role: only
+the methods of the role's protocol exist on it. Placement comes from the resources each role declares
+in the config (CPUs, GPUs, a node label).
+
+Failures are typed (`RoleError` and its kinds): a role whose process is gone raises `RoleDied`, one
+whose method raised `RoleCallFailed`, one that did not answer in time `RoleTimeout`, and a role that
+could not be placed or built `StartupError`. Every message names the role and what it was doing.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import time
@@ -18,9 +22,46 @@ from typing import Any, Callable, Optional
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from archer_async.roles import RoleSpec
 
-class StartupError(RuntimeError):
-    """A role failed to start or to answer within its deadline; the message names role and node."""
+
+class RoleError(RuntimeError):
+    """A role failed; the message names the role (and node) and what it was doing."""
+
+
+class RoleDied(RoleError):
+    """The role's process is gone (killed or crashed)."""
+
+
+class RoleCallFailed(RoleError):
+    """A role's method raised; the message quotes the exception."""
+
+
+class RoleTimeout(RoleError):
+    """A role did not answer within its deadline."""
+
+
+class StartupError(RoleError):
+    """A role could not be placed or built (no node with its resources, or its constructor failed)."""
+
+
+class RoleHandle:
+    """The launcher's side of one placed role: `handle.method(*args)` returns a Ray object reference
+    of `method` running in the role's process, for the methods of the role's protocol only.
+
+        actor = RoleHandle(host, ACTOR)
+        ref = actor.update_weights(3)          # -> ray.ObjectRef
+        actor.updte_weights(3)                 # AttributeError: not in ActorRole
+    """
+
+    def __init__(self, host, spec: RoleSpec):
+        self.host = host
+        self.spec = spec
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or name not in self.spec.methods:
+            raise AttributeError(f"{self.spec.protocol.__name__} has no remote method {name!r}")
+        return lambda *args, **kwargs: self.host.call.remote(name, *args, **kwargs)
 
 
 class RoleHost:
@@ -29,17 +70,17 @@ class RoleHost:
 
     def __init__(self, role: str, run_dir: str, env: dict[str, str]):
         os.environ.update(env)
-        from archer_async.runlog import setup_role_logging
+        from launch.runlog import setup_role_logging
 
         setup_role_logging(run_dir, role)
         self.role = role
         self.obj = None
 
     def construct(self, target: str, args: tuple = (), kwargs: Optional[dict] = None) -> str:
-        """Import `module:Class` and build the role object; returns the node description."""
-        mod_name, cls_name = target.split(":")
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-        self.obj = cls(*args, **(kwargs or {}))
+        """Build the role object of `module:Class` (a `RoleSpec.target`); returns the node description."""
+        from archer_async.roles import load
+
+        self.obj = load(target)(*args, **(kwargs or {}))
         return self.node()
 
     def node(self) -> str:
@@ -78,7 +119,7 @@ def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, w
     Fails fast: a reference that errors (its process died, its method raised) stops the wait at once,
     without waiting for the others. `watch` ({role: host}): roles whose death must also stop the wait
     (e.g. the buffer while the learner waits for data); checked every few seconds. `check`: called
-    every `check_every_s` while waiting; it raises (StartupError) to stop a wait that cannot succeed.
+    every `check_every_s` while waiting; it raises (a RoleError) to stop a wait that cannot succeed.
     """
     single = not isinstance(refs, (list, tuple))
     lst = [refs] if single else list(refs)
@@ -91,15 +132,15 @@ def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, w
         left = timeout_s - (time.time() - start)
         if left <= 0:
             who = ", ".join(dict.fromkeys(pending.values()))
-            raise StartupError(f"{who}: no answer to {what} within {timeout_s:.0f} s (see the run's logs/ directory)")
+            raise RoleTimeout(f"{who}: no answer to {what} within {timeout_s:.0f} s (see the run's logs/ directory)")
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(1.0, left))
         for ref in ready:
             _get(ref, what, pending.pop(ref))
         if watch and pending and time.time() >= next_check:
             dead = dead_roles(watch)
             if dead:
-                raise StartupError(f"{', '.join(dead)}: the process died during {what} (killed or crashed; "
-                                   "see the run's logs/ directory)")
+                raise RoleDied(f"{', '.join(dead)}: the process died during {what} (killed or crashed; "
+                               "see the run's logs/ directory)")
             next_check = time.time() + _WATCH_EVERY_S
         if check is not None and pending and time.time() >= next_call:
             check()
@@ -115,10 +156,10 @@ def _get(ref, what: str, who: str):
     try:
         return ray.get(ref)
     except RayActorError as e:
-        raise StartupError(f"{who}: the process died during {what}: {e}") from None
+        raise RoleDied(f"{who}: the process died during {what}: {e}") from None
     except RayTaskError as e:
         cause = getattr(e, "cause", None) or e
-        raise StartupError(f"{who}: {what} failed: {type(cause).__name__}: {cause}") from None
+        raise RoleCallFailed(f"{who}: {what} failed: {type(cause).__name__}: {cause}") from None
 
 
 def dead_roles(hosts: dict, timeout_s: float = 10.0) -> list[str]:
@@ -139,7 +180,7 @@ def dead_roles(hosts: dict, timeout_s: float = 10.0) -> list[str]:
 
 def construct_all(hosts: dict[str, Any], specs: dict[str, tuple], timeout_s: float) -> dict[str, str]:
     """Construct every role concurrently (collective set-up needs all ranks at once) within a deadline;
-    returns role -> node description. specs: role -> (target, args[, kwargs]).
+    returns role -> node description. specs: role name -> (RoleSpec, args[, kwargs]).
 
     Placement is awaited first, so a role no node can host fails as "not placed", and a role that
     fails or hangs while constructing is named with its node ("learner1 on host (ip, node id)").
@@ -154,7 +195,10 @@ def construct_all(hosts: dict[str, Any], specs: dict[str, tuple], timeout_s: flo
                            "has the free resources the role declares (CPUs, GPUs, node label) or its process "
                            "did not start (see the run's logs/ directory)")
     nodes = dict(zip(roles, wait(node_refs, 60, "placement", roles)))
-    refs = [hosts[role].construct.remote(*specs[role]) for role in roles]
+    refs = [hosts[role].construct.remote(specs[role][0].target, *specs[role][1:]) for role in roles]
     left = max(1.0, timeout_s - (time.time() - t0))
-    wait(refs, left, "start-up", [f"{role} on {nodes[role]}" for role in roles])
+    try:
+        wait(refs, left, "start-up", [f"{role} on {nodes[role]}" for role in roles])
+    except (RoleCallFailed, RoleTimeout) as e:
+        raise StartupError(str(e)) from None
     return nodes

@@ -32,10 +32,13 @@ from typing import Any, Callable, Collection, Optional
 
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
-from archer_async.runlog import atomic_write_text, setup_role_logging
+from archer_async.fsio import atomic_write_text
+from launch.runlog import setup_role_logging
+
+from archer_async.roles import ACTOR, BUFFER, LEARNER
 
 from launch import cluster
-from launch.roles import StartupError, construct_all, dead_roles, place, wait
+from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
 
 log = logging.getLogger("launch")
 
@@ -104,11 +107,11 @@ class Run:
         except KeyboardInterrupt:
             _console("interrupted: stopping every role (the last checkpoint stays valid)")
             status, rc = "stopped", 130
-        except (StartupError, UserError) as e:
+        except (RoleError, UserError) as e:
             _console(f"error: {e}")
             if (self.run_dir / "checkpoints" / "latest").is_file():
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
-            self.role_died = "died" in str(e)
+            self.role_died = isinstance(e, RoleDied)
             status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), str(e)
         finally:
             # a second Ctrl-C / SIGTERM must not cut the shutdown short (that would leave orphans)
@@ -128,39 +131,37 @@ class Run:
         cfg, run_dir, env = self.cfg, str(self.run_dir), cluster.role_env()
         t0, deadline = time.time(), cfg.launch.startup_timeout_s
         _console(f"starting roles: buffer, {cfg.learner.num_ranks} learner rank(s), {cfg.actors.num_actors} actor(s)")
-        self.buffer = self.hosts["buffer"] = place("buffer", run_dir, num_cpus=0.1,
-                                                   node_label=cfg.buffer.node_label, env=env)
+        self.hosts["buffer"] = place("buffer", run_dir, num_cpus=0.1, node_label=cfg.buffer.node_label, env=env)
+        self.buffer = RoleHandle(self.hosts["buffer"], BUFFER)
         for r in range(cfg.learner.num_ranks):
             self.hosts[f"learner{r}"] = place(f"learner{r}", run_dir, num_cpus=cfg.learner.cpus_per_rank,
                                               num_gpus=cfg.learner.gpus_per_rank, node_label=cfg.learner.node_label,
                                               env=env)
-        self.learners = [self.hosts[f"learner{r}"] for r in range(cfg.learner.num_ranks)]
+        self.learners = [RoleHandle(self.hosts[f"learner{r}"], LEARNER) for r in range(cfg.learner.num_ranks)]
         for i in range(cfg.actors.num_actors):
             self.hosts[f"actor{i}"] = place(f"actor{i}", run_dir, num_cpus=cfg.actors.cpus_per_actor,
                                             num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label,
                                             env=env)
-        self.actors = [self.hosts[f"actor{i}"] for i in range(cfg.actors.num_actors)]
+        self.actors = [RoleHandle(self.hosts[f"actor{i}"], ACTOR) for i in range(cfg.actors.num_actors)]
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
-        rank0 = self.learners[0]
+        rank0 = self.hosts["learner0"]
         master_addr = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
         self.sync_init = cluster.make_sync(cfg, master_addr, sync_port)
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
-        specs = {"buffer": ("buffer.service:BufferService", (cfg, run_dir, restore_buffer))}
+        self.model_path, self.version0 = str(pre.model_path), version0
+        specs = {"buffer": (BUFFER, (cfg, run_dir, restore_buffer))}
         nodes = construct_all(self.hosts, specs, deadline)  # actors and learners find the buffer in run_dir
         for r in range(cfg.learner.num_ranks):
-            specs[f"learner{r}"] = ("learner.trainer:Learner", (cfg, r, cfg.learner.num_ranks, master_addr,
-                                                                 master_port, run_dir, str(pre.model_path)))
+            specs[f"learner{r}"] = (LEARNER, (cfg, r, cfg.learner.num_ranks, master_addr, master_port, run_dir,
+                                              str(pre.model_path)))
         for i in range(cfg.actors.num_actors):
-            specs[f"actor{i}"] = ("actors.rollout:RolloutActor", (cfg, i, run_dir),
-                                  {"sync_init": self.sync_init.for_rank(i + 1).to_dict(),
-                                   "model_path": str(pre.model_path), "initial_version": version0})
+            specs[f"actor{i}"] = self._actor_spec(i, version0)
         del specs["buffer"]
         nodes.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
         for role, node in nodes.items():
             log.info("%s on %s", role, node)
-        self.model_path, self.version0 = str(pre.model_path), version0
         self._write_pids()
         _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
 
@@ -169,11 +170,11 @@ class Run:
         cfg = self.cfg
         start_step, version = 0, 0
         if self.resume:
-            extra = self._learners("load_checkpoint", str(pre.checkpoint), what="checkpoint restore")[0] or {}
+            extra = self._learners(lambda h: h.load_checkpoint(str(pre.checkpoint)), what="checkpoint restore")[0] or {}
             start_step, version = int(pre.restore["step"]), int(pre.restore["version"])
             self.actor_states = list(extra.get("actors", []))
             for i, (a, st) in enumerate(zip(self.actors, self.actor_states)):
-                self._actor_call(i, "load_data_state", st, what="data cursor restore")
+                self._actor_call(i, lambda a: a.load_data_state(st), what="data cursor restore")
             _console(f"resumed at step {start_step}, weight version {version}")
         # actors get the learner's weights (restored ones on resume) before any rollout
         self._sync_weights(version)
@@ -182,17 +183,18 @@ class Run:
         if not self.resume and cfg.launch.eval_every:
             self._evaluate(0, {})
         for i in range(len(self.actors)):
-            self._actor_call(i, "start", what="start of generation")
+            self._actor_call(i, lambda a: a.start(), what="start of generation")
         self.generating = True
         total = cfg.learner.total_steps
         _console(f"training steps {start_step + 1}..{total}")
         step = start_step
         for step in range(start_step + 1, total + 1):
-            m = self._learners("step_from_buffer", what=f"training step {step}", check=self._check_generation)[0]
+            m = self._learners(lambda h: h.step_from_buffer(), what=f"training step {step}",
+                               check=self._check_generation)[0]
             sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
-                wait(self.buffer.call.remote("set_version", version), 60, "set_version", ["buffer"])
+                wait(self.buffer.set_version(version), 60, "set_version", ["buffer"])
             row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
                    "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
@@ -205,7 +207,7 @@ class Run:
             if step % cfg.learner.checkpoint_every == 0 or step == total:
                 self._checkpoint(step, version)
         if cfg.learner.export_hf_every == 0 or step % max(1, cfg.learner.export_hf_every):
-            path = self._learners("export_hf", step, what="HF export")[0]
+            path = self._learners(lambda h: h.export_hf(step), what="HF export")[0]
             _console(f"exported Hugging Face model: {path}")
         if len(self.eval_history) >= 2:
             (s0, a0), (s1, a1) = self.eval_history[0], self.eval_history[-1]
@@ -213,10 +215,10 @@ class Run:
                      f"({100 * (a1 - a0):+.1f} points)")
 
     # ------------------------------------------------------------------------------------------
-    def _learners(self, method: str, *args, what: str, timeout: Optional[float] = None,
+    def _learners(self, call: Callable[[RoleHandle], Any], *, what: str, timeout: Optional[float] = None,
                   check: Optional[Callable[[], None]] = None) -> list:
-        """Call `method` on every learner rank (collective) and wait; errors name the rank."""
-        refs = [h.call.remote(method, *args) for h in self.learners]
+        """`call(handle)` on every learner rank (one collective method) and wait; errors name the rank."""
+        refs = [call(h) for h in self.learners]
         return self._wait_learners(refs, timeout or max(self.cfg.sync.timeout_s, 3600), what, check)
 
     def _wait_learners(self, refs: list, timeout: float, what: str, check: Optional[Callable[[], None]] = None) -> list:
@@ -224,33 +226,33 @@ class Run:
         try:
             return wait(refs, timeout, what, [f"learner{r}" for r in range(len(self.learners))],
                         watch=self._core_roles(), check=check)
-        except StartupError as e:
+        except RoleError as e:
             # a surviving rank often reports first (its collective lost a peer): name the dead process
-            dead = [] if "died" in str(e) else dead_roles(self._core_roles())
+            dead = [] if isinstance(e, RoleDied) else dead_roles(self._core_roles())
             if dead:
-                raise StartupError(f"{', '.join(dead)}: the process died during {what} (then: {e})") from None
+                raise RoleDied(f"{', '.join(dead)}: the process died during {what} (then: {e})") from None
             raise
 
     def _check_generation(self) -> None:
         """Stop a training step that can never get data: every actor is dead or has stopped generating
         (dead actors are re-placed only at a weight sync, which waits for this step)."""
-        dead = set(dead_roles({f"actor{i}": a for i, a in enumerate(self.actors)}))
+        dead = set(dead_roles(self._actor_hosts()))
         stats = self._actor_stats(30, skip={int(r[len("actor"):]) for r in dead})
         why = no_generation_reason(dead, {f"actor{i}": st for i, st in stats.items()})
         if why:
-            raise StartupError(why)
+            raise NoProgress(why)
 
     def _actor_stats(self, timeout_s: float, skip: Collection[int] = ()) -> dict[int, Optional[dict]]:
         """Every actor's stats, asked of all at once: {index: stats, or None when it did not answer
         within timeout_s (slow) or its process is gone}. A live actor that can no longer generate (e.g.
         its vLLM engine died) is recorded in self.actor_errors: re-placed at the next weight sync."""
-        refs = {i: a.call.remote("stats") for i, a in enumerate(self.actors) if i not in skip}
+        refs = {i: a.stats() for i, a in enumerate(self.actors) if i not in skip}
         deadline = time.time() + timeout_s
         out: dict[int, Optional[dict]] = {}
         for i, ref in refs.items():
             try:
                 out[i] = wait(ref, max(0.1, deadline - time.time()), "stats", [f"actor{i}"])
-            except StartupError as e:
+            except RoleError as e:
                 log.warning("actor stats: %s", e)
                 out[i] = None
                 continue
@@ -262,6 +264,16 @@ class Run:
     def _core_roles(self) -> dict:
         """Roles whose death stops the run (the buffer and every learner rank; actors are re-placed)."""
         return {r: h for r, h in self.hosts.items() if not r.startswith("actor")}
+
+    def _actor_hosts(self) -> dict:
+        """{"actor<i>": its Ray host} of every actor (for the liveness check)."""
+        return {f"actor{i}": self.hosts[f"actor{i}"] for i in range(len(self.actors))}
+
+    def _actor_spec(self, i: int, version: int) -> tuple:
+        """construct_all spec of actor i, loading weights labelled `version`."""
+        return (ACTOR, (self.cfg, i, str(self.run_dir)),
+                {"sync_init": self.sync_init.for_rank(i + 1).to_dict(), "model_path": self.model_path,
+                 "initial_version": int(version)})
 
     def _sync_weights(self, version: int, serving: Optional[int] = None) -> dict:
         """Learner ranks gather and send; actors receive and load in flight. One call per role.
@@ -276,8 +288,8 @@ class Run:
         init = self.sync_init.for_rank(0).to_dict()
         for attempt in range(2):
             fresh = self._heal_actors(version if serving is None else serving)
-            lrefs = [h.call.remote("broadcast_weights", version, init) for h in self.learners]
-            arefs = [a.call.remote("update_weights", version) for a in self.actors]
+            lrefs = [h.broadcast_weights(version, init) for h in self.learners]
+            arefs = [a.update_weights(version) for a in self.actors]
             deadline = self.cfg.sync.timeout_s + 60
             res = self._wait_learners(lrefs, deadline, f"weight sync to version {version}")[0]
             t_learn = time.time() - t0
@@ -287,12 +299,12 @@ class Run:
                     r = wait(ref, deadline, f"weight sync to version {version}", [f"actor{i}"])
                     if not r.get("ok", True):
                         failed.append(f"actor{i}: {r.get('error')}")
-                except StartupError as e:
-                    (died if "died" in str(e) else failed).append(str(e))
+                except RoleError as e:
+                    (died if isinstance(e, RoleDied) else failed).append(str(e))
             if res.get("ok", True) and not failed and not died:
                 for i in fresh:
                     if self.generating:
-                        self._actor_call(i, "start", what="start of generation")
+                        self._actor_call(i, lambda a: a.start(), what="start of generation")
                 return {"seconds": time.time() - t0, "learner_s": t_learn, "sender_s": res.get("seconds", 0.0)}
             if attempt == 0:  # aborted: every actor still serves its previous version; try once more
                 self._actor_stats(30)  # records actors whose engine died: re-placed for the retry
@@ -301,17 +313,15 @@ class Run:
                          + ("re-placing and retrying" if died else "retrying once"))
                 continue
             why = "; ".join(failed + died) or res.get("error")
-            raise StartupError(f"weight sync to version {version} failed: {why}")
+            raise WeightSyncFailed(f"weight sync to version {version} failed: {why}")
         raise AssertionError("unreachable")
 
-    def _actor_call(self, i: int, method: str, *args, what: str) -> Any:
-        """Call actor i; if its process died, log it and return None (it is re-placed, with the last
-        checkpoint's data cursor, at the next weight sync, and started after it)."""
+    def _actor_call(self, i: int, call: Callable[[RoleHandle], Any], *, what: str) -> Any:
+        """`call(handle)` on actor i and wait; if its process died, log it and return None (it is
+        re-placed, with the last checkpoint's data cursor, at the next weight sync, and started after it)."""
         try:
-            return wait(self.actors[i].call.remote(method, *args), 60, what, [f"actor{i}"])
-        except StartupError as e:
-            if "died" not in str(e):
-                raise
+            return wait(call(self.actors[i]), 60, what, [f"actor{i}"])
+        except RoleDied as e:
             log.warning("%s (re-placed at the next weight sync)", e)
             return None
 
@@ -319,7 +329,7 @@ class Run:
         """Re-place and re-construct every dead actor with its index (sample ids stay unique through
         RUN_DIR/actors/actor<i>.json) and the data cursor of the last checkpoint; returns their
         indices. They serve weights only after the next update and start generating after it."""
-        dead = dead_roles({f"actor{i}": a for i, a in enumerate(self.actors)})
+        dead = dead_roles(self._actor_hosts())
         stopped = {f"actor{i}": err for i, err in self.actor_errors.items() if f"actor{i}" not in dead}
         self.actor_errors = {}
         fresh = []
@@ -329,17 +339,14 @@ class Run:
             why = f"stopped generating ({stopped[role]})" if role in stopped else "died"
             _console(f"{role} {why}: re-placing it (restart {self.actor_restarts}); generation goes on meanwhile")
             cfg = self.cfg
-            _quiet(lambda: __import__("ray").kill(self.actors[i]))
+            _quiet(lambda: __import__("ray").kill(self.hosts[role]))
             host = place(role, str(self.run_dir), num_cpus=cfg.actors.cpus_per_actor,
                          num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label, env=cluster.role_env())
             self.hosts[role] = host
-            self.actors[i] = host
-            construct_all(self.hosts, {role: ("actors.rollout:RolloutActor", (cfg, i, str(self.run_dir)),
-                                              {"sync_init": self.sync_init.for_rank(i + 1).to_dict(),
-                                               "model_path": self.model_path, "initial_version": int(version)})},
-                          cfg.launch.startup_timeout_s)
+            self.actors[i] = RoleHandle(host, ACTOR)
+            construct_all(self.hosts, {role: self._actor_spec(i, version)}, cfg.launch.startup_timeout_s)
             if i < len(self.actor_states) and self.actor_states[i]:
-                wait(host.call.remote("load_data_state", self.actor_states[i]), 60, "data cursor restore", [role])
+                wait(self.actors[i].load_data_state(self.actor_states[i]), 60, "data cursor restore", [role])
             fresh.append(i)
         if fresh:
             self._write_pids()
@@ -354,7 +361,7 @@ class Run:
         for r, ref in refs.items():
             try:
                 pids[r] = wait(ref, 30, "pid", [r])
-            except StartupError:
+            except RoleError:
                 pass
         atomic_write_text(self.run_dir / "pids.json", json.dumps({"driver": os.getpid(), **pids}))
 
@@ -366,17 +373,17 @@ class Run:
                 "actor/in_flight": sum(s.get("actor/in_flight", 0) for s in stats)}
 
     def _buffer_metrics(self) -> dict:
-        s = wait(self.buffer.call.remote("metrics"), 60, "stats", ["buffer"])
+        s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
         return {k: v for k, v in s.items() if isinstance(v, (int, float))}
 
     def _evaluate(self, step: int, row: dict) -> None:
         """Held-out avg@K / pass@K with the actors' engines (eval temperature), added to `row`."""
-        from archer_async.evaluation import summarize
+        from launch.evaluation import summarize
 
         cfg = self.cfg
         rows = cluster.eval_rows(cfg)
         shards = [rows[i::len(self.actors)] for i in range(len(self.actors))]
-        refs = [a.call.remote("evaluate_rewards", shard, cfg.launch.eval_k) for a, shard in zip(self.actors, shards) if shard]
+        refs = [a.evaluate_rewards(shard, cfg.launch.eval_k) for a, shard in zip(self.actors, shards) if shard]
         per_problem = [r for part in wait(refs, 3600, "held-out evaluation", ["actors"]) for r in part]
         s = summarize(per_problem, cfg.launch.eval_k)
         row.update({"eval/accuracy": s["avg_at_k"], "eval/pass_at_k": s["pass_at_k"]})
@@ -390,12 +397,12 @@ class Run:
         actors = []
         for i, a in enumerate(self.actors):
             try:
-                actors.append(wait(a.call.remote("data_state"), 60, "data cursor", [f"actor{i}"]))
-            except StartupError as e:  # died since the last sync: keep its previous cursor (regenerated)
+                actors.append(wait(a.data_state(), 60, "data cursor", [f"actor{i}"]))
+            except RoleError as e:  # died since the last sync: keep its previous cursor (regenerated)
                 log.warning("checkpoint: %s", e)
                 actors.append(self.actor_states[i] if i < len(self.actor_states) else None)
         extra = {"actors": actors}  # rank 0 adds the buffer's consumed state it holds
-        path = self._learners("save_checkpoint", step, extra, what=f"checkpoint step {step}")[0]
+        path = self._learners(lambda h: h.save_checkpoint(step, extra), what=f"checkpoint step {step}")[0]
         self.actor_states = actors
         log.info("checkpoint %s", path)
 
@@ -416,11 +423,11 @@ class Run:
             # every role stops concurrently within one deadline; after a role died, a collective close
             # could only wait for the dead peer, so the learners are then simply ended
             short = 20.0 if self.role_died else 60.0
-            _stop_all([a.call.remote("stop") for a in self.actors], short)
+            _stop_all([a.stop() for a in self.actors], short)
             if not self.role_died:
-                _stop_all([h.call.remote("close") for h in self.learners], 30.0)
+                _stop_all([h.close() for h in self.learners], 30.0)
             if self.buffer is not None:
-                _stop_all([self.buffer.call.remote("stop")], short)
+                _stop_all([self.buffer.stop()], short)
         if self.writer is not None:
             self.writer.close()
         if self.dashboard is not None:
@@ -493,11 +500,19 @@ def _ignore_while_stopping(*_):
     print("[archer-async] already stopping every role; please wait", flush=True)
 
 
+class NoProgress(RoleError):
+    """The run cannot make progress (e.g. no actor can generate): stopped with the cause."""
+
+
+class WeightSyncFailed(RoleError):
+    """A weight update failed twice: the actors keep the previous weights, the run stops."""
+
+
 EXIT_USER_ERROR = 2
 """Exit code of a run stopped by bad input found after start-up began (as the CLI's UserError)."""
 
 
 if __name__ == "__main__":
-    from archer_async.cli import main
+    from launch.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

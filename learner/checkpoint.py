@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from archer_async.config import UserError
-from archer_async.runlog import atomic_write_bytes
+from archer_async.fsio import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,6 @@ STATE_FILE = "learner_state.json"
 
 class CorruptCheckpointError(UserError):
     """A checkpoint directory is partial, corrupt or missing (the message names the path)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: tmp file in the same dir, fsync, rename, fsync(dir)."""
-    atomic_write_bytes(path, data)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -160,11 +147,11 @@ def save_checkpoint(
         os.fsync(f.fileno())
     _barrier()
     if rank == 0:
-        write_atomic(path / STATE_FILE, json.dumps(learner_state, sort_keys=True).encode())
+        atomic_write_bytes(path / STATE_FILE, json.dumps(learner_state, sort_keys=True).encode())
         done = {"step": int(step), "world_size": world_size, "torch": torch.__version__}
-        write_atomic(path / DONE, json.dumps(done).encode())
-        _fsync_dir(root)
-        write_atomic(root / LATEST, f"{path.name}\n".encode())
+        atomic_write_bytes(path / DONE, json.dumps(done).encode())
+        fsync_dir(root)
+        atomic_write_bytes(root / LATEST, f"{path.name}\n".encode())
         log.info("checkpoint %s committed", path)
     _barrier()
     return path

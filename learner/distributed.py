@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -46,6 +47,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
     return box[0]
+
+
+def broadcast_bytes(data: Optional[bytes], src: int = 0) -> memoryview:
+    """Rank `src`'s `data` on every rank, as raw bytes over the CPU/gloo path (no pickling): its length,
+    then the bytes themselves. Returns a read-only view (rank `src`: of `data` itself)."""
+    rank = dist.get_rank()
+    n = torch.tensor([len(data) if rank == src else 0], dtype=torch.int64)
+    dist.broadcast(n, src=src)
+    if rank == src:
+        with warnings.catch_warnings():  # a broadcast's source is only read
+            warnings.simplefilter("ignore", UserWarning)
+            buf = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    else:
+        buf = torch.empty(int(n.item()), dtype=torch.uint8)
+    if buf.numel():
+        dist.broadcast(buf, src=src)
+    return memoryview(data) if rank == src else memoryview(buf.numpy()).toreadonly()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

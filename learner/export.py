@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import _barrier, _fsync_dir
+from archer_async.fsio import fsync_dir
+
+from .checkpoint import _barrier
 from .weights import iter_full_weights
 
 TOKENIZER_FILES = (
@@ -64,7 +66,7 @@ def export_hf(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(out_root)
+        fsync_dir(out_root)
     del tensors
     _barrier()
     return final

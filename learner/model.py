@@ -40,9 +40,9 @@ def resolve_model_path(model_path: Optional[str], cfg_path: Optional[str]) -> Pa
     """The model directory to load: the explicit argument, else `model.path`, else the embedded tiny model."""
     path = model_path or cfg_path
     if path is None:
-        from archer_async.tiny import tiny_model_path  # built on first use
+        from archer_async.config import TINY_MODEL_DIR  # built on first use
 
-        path = tiny_model_path()
+        path = TINY_MODEL_DIR
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelPathError(f"model.path {str(p)!r}: not a Hugging Face model directory (no config.json)")

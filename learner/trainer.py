@@ -1,15 +1,16 @@
 """The FSDP2 learner: one `Learner` per rank (a Ray actor or a spawned process).
 
     learner = Learner(cfg, rank, world_size, "127.0.0.1", port, run_dir, model_path)
-    metrics = learner.step(fetch_fn)            # or learner.step(groups) (groups needed on rank 0 only)
+    metrics = learner.step_from_buffer()        # or learner.step(groups) (groups needed on rank 0 only)
     learner.broadcast_weights(metrics["version"], sender_init)
     path = learner.save_checkpoint(step, extra_state)   # extra_state: JSON-able, returned by load
     extra = learner.load_checkpoint()                     # `latest` of run_dir/checkpoints (None if none)
     learner.export_hf(step)
     learner.close()
 
-Every method is collective: all ranks call it in the same order. One training step (ALGORITHM.md):
-rank 0 obtains B groups and broadcasts them; every rank applies the §6 filter and GRPO advantages,
+Every method is collective: all ranks call it in the same order. One training step (docs/algorithm.md):
+rank 0 obtains B groups and broadcasts their bytes as the buffer sent them (one msgpack array); every
+rank decodes them once, applies the §6 filter and GRPO advantages,
 splits the batch into `batch_groups / mini_batch_groups` mini-batches, recomputes pi_prox (the
 step's starting weights) and pi_ref (frozen copy) for its share of responses, then runs
 `ppo_epochs` passes of mini-batches, each one AdamW step over accumulated micro-batch gradients.
@@ -28,33 +29,31 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from archer_async.advantages import filter_groups, group_advantages
 from archer_async.config import Config, UserError
+from archer_async.roles import LearnerRole
 from archer_async.loss import (
     LossDenominators, entropy_from_logits, logprobs_from_logits, loss_denominators, merge_metrics, policy_loss,
 )
-from archer_async.types import TrajectoryGroup, decode_group, encode_group
+from archer_async.types import TrajectoryGroup, decode_groups, encode_group, join_groups
 
 from . import checkpoint as ckpt
 from .batching import MicroBatch, TrainRow, collate, plan_micro_batches, select_response_logits, split_minibatches
-from .distributed import all_gather_objects, all_reduce_sum, broadcast_object, init_process_group, pick_device
+from .distributed import (
+    all_gather_objects, all_reduce_sum, broadcast_bytes, broadcast_object, init_process_group, pick_device,
+)
 from .export import export_hf
 from .model import build_policy_and_reference, resolve_model_path, torch_dtype
 from .weights import drain, iter_full_weights
 
 log = logging.getLogger(__name__)
 
-FetchFn = Callable[[int, int], Any]
-"""fetch_fn(n_groups, version) -> list of groups or an object with `.groups` (BufferClient.sample's
-SampleBatch); called on rank 0 only, its return value kept as `Learner.last_batch`."""
-
-
-class Learner:
+class Learner(LearnerRole):
     """One FSDP2 learner rank. See the module docstring for the protocol; every method is collective."""
 
     def __init__(
@@ -106,25 +105,11 @@ class Learner:
         self.skipped_steps = 0
         self._sender = None
         self._last_lr = self._lr()
-        self.last_batch: Any = None
+        self._consumed_state: Optional[dict] = None  # the buffer's state after the last batch trained (rank 0)
         self._buffer = None  # BufferClient of step_from_buffer (rank 0)
 
     # ------------------------------------------------------------------------------------------
     # Data in
-
-    def _obtain_groups(self, source: Union[FetchFn, Sequence[TrajectoryGroup], None]) -> tuple[list[TrajectoryGroup], float]:
-        """Rank 0 fetches (or takes) the groups and broadcasts them; returns (groups, rank 0's wait seconds)."""
-        wait = 0.0
-        payload = None
-        if self.rank == 0:
-            t0 = time.perf_counter()
-            got = source(self.lcfg.batch_groups, self.version) if callable(source) else source
-            wait = time.perf_counter() - t0
-            self.last_batch = got  # e.g. a buffer SampleBatch: its consumed_state goes into the checkpoint
-            groups = list(getattr(got, "groups", got) or [])
-            payload = ([encode_group(g) for g in groups], wait)
-        payload = broadcast_object(payload, src=0)
-        return [decode_group(b) for b in payload[0]], float(payload[1])
 
     def _rows(self, groups: list[TrajectoryGroup]) -> tuple[list[list[TrainRow]], dict[str, float]]:
         """Filter (§6), compute advantages and build per-group training rows; plus data metrics."""
@@ -238,13 +223,16 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return gn, applied
 
-    def step(self, source: Union[FetchFn, Sequence[TrajectoryGroup], None]) -> dict[str, Any]:
-        """One training step on B groups from `source` (a FetchFn or a list; used on rank 0 only).
+    def step(self, groups: Optional[Sequence[TrajectoryGroup]]) -> dict[str, Any]:
+        """One training step on `groups` (rank 0's list; other ranks pass None). Returns the step's
+        metrics (docs/architecture.md names plus loss/*, is/*, groups/*, learner/*), identical on
+        every rank."""
+        return self._step(join_groups([encode_group(g) for g in groups]) if self.rank == 0 else None, 0.0)[0]
 
-        Returns the step's metrics (ARCHITECTURE.md names plus loss/*, is/*, groups/*, learner/*),
-        identical on every rank.
-        """
-        groups, wait = self._obtain_groups(source)
+    def _step(self, batch: Optional[bytes], wait: float) -> tuple[dict[str, Any], list[TrajectoryGroup]]:
+        """One training step on rank 0's `batch` (a `join_groups` array; `wait`: the seconds rank 0
+        waited for it): (the step's metrics, the groups it decoded)."""
+        groups = decode_groups(broadcast_bytes(batch, src=0))
         t0 = time.perf_counter()
         groups_rows, stats = self._rows(groups)
         hist = stats.pop("_hist")
@@ -306,7 +294,7 @@ class Learner:
             "learner/tokens": n_tokens, "learner/tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
             "learner/samples": sum(len(g) for g in groups_rows), "staleness/hist": hist,
         })
-        return out
+        return out, groups
 
     def step_from_buffer(self, poll_s: float = 10.0) -> dict[str, Any]:
         """One training step on `batch_groups` groups sampled from the run's replay buffer.
@@ -332,23 +320,18 @@ class Learner:
                     batch = None
             if broadcast_object(batch is not None, src=0):
                 break
-        waited = time.perf_counter() - t0
-        out = self.step((lambda n, v: batch) if self.rank == 0 else None)
-        out["learner/wait_for_data_s"] = waited
+        out, groups = self._step(batch.payload if self.rank == 0 else None, time.perf_counter() - t0)
         if self.rank == 0:
-            from archer_async import trained_ids
+            from learner import trained_ids
 
+            self._consumed_state = batch.consumed_state  # checkpointed with the weights it trained
             # what entered this optimizer step (exactly-once accounting; cut back on resume)
-            trained_ids.append_step(self.run_dir, self.step_count, [g.group_id for g in batch.groups],
-                                    [s.sample_id for g in batch.groups for s in g.samples])
+            trained_ids.append_step(self.run_dir, self.step_count, [g.group_id for g in groups],
+                                    [sm.sample_id for g in groups for sm in g.samples])
             if self.cfg.launch.mode != "sync":
                 # sync mode: the driver announces the version once the actors serve it (no stale window)
                 self._buffer.set_version(self.version)
         return out
-
-    def _buffer_state(self) -> Optional[dict]:
-        """consumed_state of the last batch trained (rank 0), the buffer's part of a checkpoint."""
-        return getattr(self.last_batch, "consumed_state", None)
 
     # ------------------------------------------------------------------------------------------
     # Weights out
@@ -362,7 +345,7 @@ class Learner:
     def broadcast_weights(self, version: Optional[int] = None, sender_init: Any = None) -> dict[str, Any]:
         """Send the current full weights to the actors (collective; rank 0 sends).
 
-        `sender_init`: the rendezvous description of archer_async.weight_sender.WeightSender, needed
+        `sender_init`: the rendezvous description of learner.weight_sender.WeightSender, needed
         on the first call (rank 0; ignored elsewhere); the connected sender is kept for later calls.
         Returns {"ok", "version", "seconds", "error"} identical on every rank. A failed send leaves
         the actors on their old version; the ranks still finish the gather in step.
@@ -374,7 +357,7 @@ class Learner:
         if self.rank == 0:
             try:
                 if self._sender is None:
-                    from archer_async.weight_sender import WeightSender
+                    from learner.weight_sender import WeightSender
 
                     if sender_init is None:
                         raise UserError("broadcast_weights: the first call needs sender_init")
@@ -414,8 +397,8 @@ class Learner:
             "lr_schedule": {"base_lr": self.lcfg.lr, "warmup_steps": self.lcfg.warmup_steps, "opt_steps": self.opt_steps},
             "world_size": self.world_size, "extra_state": dict(extra_state or {}),
         }
-        if self.rank == 0 and self._buffer_state() is not None:
-            state["extra_state"]["buffer"] = self._buffer_state()  # one commit with the weights it trained
+        if self.rank == 0 and self._consumed_state is not None:
+            state["extra_state"]["buffer"] = self._consumed_state  # one commit with the weights it trained
         return ckpt.save_checkpoint(self.checkpoint_root, step, self.model, self.optimizer, state,
                                     self.rank, self.world_size)
 
@@ -432,7 +415,7 @@ class Learner:
         self.opt_steps = int(state["opt_steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.rank == 0:
-            from archer_async import trained_ids
+            from learner import trained_ids
 
             # steps trained after this checkpoint were lost with the crash and will be trained again
             dropped = trained_ids.truncate_after(self.run_dir, int(state["step"]))

@@ -1,0 +1,1 @@
+"""Shared helpers of the tests (no tests here): imported as tests.helpers.<name>."""
