@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from actors.weight_receiver import WeightReceiver
+from archer_async.weight_sync import SyncInit, WeightSyncError, make_sync_init, receiver_rank
+from archer_async.weight_sync.buckets import pack_bucket, unpack_bucket
 from learner.weight_sender import WeightSender
-from archer_async.weight_sync import (
-    SyncInit, WeightSyncError, make_sync_init, pack_bucket, receiver_rank, unpack_bucket,
-)
 
 
 def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
