@@ -10,6 +10,15 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+def _spec(target: str):
+    """A role spec of an arbitrary `module:callable` (the start-up path does not look at the protocol)."""
+    from typing import Protocol
+
+    from archer_async.roles import RoleSpec
+
+    return RoleSpec("test-role", Protocol, target)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -27,7 +36,7 @@ def test_unplaceable_role_fails_within_the_deadline(ray_local, tmp_path):
     hosts = {"actor0": place("actor0", str(tmp_path), num_cpus=0.1, node_label="no_such_node_label")}
     t0 = time.time()
     with pytest.raises(StartupError, match=r"actor0: not placed within 3 s"):
-        construct_all(hosts, {"actor0": ("collections:OrderedDict", ())}, 3.0)
+        construct_all(hosts, {"actor0": (_spec("collections:OrderedDict"), ())}, 3.0)
     assert time.time() - t0 < 30
     ray_local.kill(hosts["actor0"])
 
@@ -36,8 +45,8 @@ def test_start_up_failure_names_role_and_node_and_fails_fast(ray_local, tmp_path
     from launch.roles import StartupError, construct_all, place
 
     hosts = {r: place(r, str(tmp_path), num_cpus=0.1) for r in ("buffer", "learner0")}
-    specs = {"buffer": ("time:sleep", (300,)),  # a role still starting (e.g. waiting for its peers)
-             "learner0": ("archer_async.no_such_module:Learner", ())}
+    specs = {"buffer": (_spec("time:sleep"), (300,)),  # a role still starting (e.g. waiting for its peers)
+             "learner0": (_spec("archer_async.no_such_module:Learner"), ())}
     t0 = time.time()
     with pytest.raises(StartupError) as err:
         construct_all(hosts, specs, 120.0)

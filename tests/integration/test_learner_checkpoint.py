@@ -57,7 +57,7 @@ _real_dcp_save = ck.dcp.save
 
 
 def _crash_on(name):
-    real = ck.write_atomic
+    real = ck.atomic_write_bytes
 
     def fake(path, data):
         if Path(path).name == name:
@@ -85,9 +85,9 @@ def test_learner_interrupted_save_never_becomes_latest(tmp_path, monkeypatch, wh
         if where == "dcp":
             m.setattr(ck.dcp, "save", _crash_dcp_after_write)
         elif where == "state":
-            m.setattr(ck, "write_atomic", _crash_on(ck.STATE_FILE))
+            m.setattr(ck, "atomic_write_bytes", _crash_on(ck.STATE_FILE))
         elif where == "done":
-            m.setattr(ck, "write_atomic", _crash_on(ck.DONE))
+            m.setattr(ck, "atomic_write_bytes", _crash_on(ck.DONE))
         else:
             m.setattr(ck.os, "replace", _crash_replace())
         with pytest.raises(_Crash):

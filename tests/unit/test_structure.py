@@ -107,7 +107,8 @@ def test_only_the_role_contract_names_role_modules_by_string():
 
 
 def test_no_import_cycle():
-    graph = _graph()
+    # a package's __init__ re-exporting its own submodules is not a cycle between modules
+    graph = {n: {m for m in deps if not m.startswith(n + ".")} for n, deps in _graph().items()}
     state: dict[str, int] = {}
     cycles = []
 
@@ -123,8 +124,6 @@ def test_no_import_cycle():
     for n in sorted(graph):
         if n not in state:
             visit(n, [n])
-    # a package's __init__ re-exporting its own modules is not a cycle between modules
-    cycles = [c for c in cycles if not all(x.startswith(c[0].rsplit(".", 1)[0]) for x in c)]
     assert cycles == []
 
 
