@@ -27,6 +27,8 @@ def _serve(memory_mb: int) -> None:
     sys.set_int_max_str_digits(10_000)
     from rewards.math_grader import check_answer
     import math_verify  # noqa: F401 - import cost paid before "ready"
+    import sympy  # noqa: F401
+    from pylatexenc import latex2text  # noqa: F401
     out = sys.stdout
     out.write('{"ready": true}\n')
     out.flush()
