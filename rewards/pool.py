@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from archer_async.config import RewardsConfig, UserError
 from archer_async.types import Reward
 
-from .code_grader import CodeGrader
+from .code_grader import CodeGrader, parse_ground_truth
 from .math_worker import MathWorker
 from .sandbox import Limits, make_sandbox, processes_of_uids
 
@@ -55,6 +55,24 @@ def grader_kind(data_source: str) -> str:
         f"unknown data_source {data_source!r}: code graders take code, livecodebench*, humanevalplus, taco, apps, "
         "code_contests, codecontests, codeforces, primeintellect, leetcode, tiny_code; "
         "math graders take math, aime*, amc*, math500, minerva, olympiad*, tiny_math")
+
+
+def check_row(row: dict) -> None:
+    """Raise ValueError naming the field unless the row's data_source has a grader and its
+    reward_model.ground_truth is a format that grader takes (data loading calls this for every row)."""
+    source = row.get("data_source")
+    try:
+        kind = grader_kind(source)
+    except UnknownDataSource as e:
+        raise ValueError(f"data_source: {e}") from None
+    gt = (row.get("reward_model") or {}).get("ground_truth")
+    if kind == "code":
+        parse_ground_truth(gt, str(source).strip().lower())  # GroundTruthError is a ValueError
+        return
+    golds = gt if isinstance(gt, list) else [gt]
+    if not golds or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in golds):
+        raise ValueError("reward_model.ground_truth: a math answer must be a string or number, or a non-empty "
+                         f"list of them, got {type(gt).__name__}")
 
 
 def limits_from_config(cfg: RewardsConfig) -> Limits:

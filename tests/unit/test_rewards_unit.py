@@ -188,3 +188,22 @@ def test_reward_values_and_config_fields():
     assert (cfg.timeout_s, cfg.functional_timeout_s, cfg.lcb_timeout_s, cfg.memory_mb, cfg.max_tests_per_problem) == (
         30.0, 60.0, 6.0, 1024, 16)
     assert "numpy" in cfg.sandbox_packages
+
+
+def test_data_loading_rejects_ungradable_rows_by_file_line_and_field(tmp_path):
+    from archer_async.data import DataError, load_rows
+    from rewards import check_row
+
+    good = {"prompt": [{"role": "user", "content": "q"}], "data_source": "taco",
+            "reward_model": {"ground_truth": json.dumps({"fn_name": "f", "inputs": [[1]], "outputs": [[1]]})}}
+    bad = {**good, "data_source": "kodcode", "reward_model": {"ground_truth": json.dumps("def test_a(): pass")}}
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    assert len(load_rows(p)) == 2  # the core loader alone does not know the graders
+    with pytest.raises(DataError, match=rf"{p}:2: reward_model.ground_truth: a bare string"):
+        load_rows(p, check=check_row)
+    check_row({**good, "data_source": "aime2024", "reward_model": {"ground_truth": ["204", 204]}})
+    for row, msg in (({**good, "data_source": "chess"}, "data_source: unknown"),
+                     ({**good, "data_source": "math", "reward_model": {"ground_truth": []}}, "math answer")):
+        with pytest.raises(ValueError, match=msg):
+            check_row(row)
