@@ -207,3 +207,14 @@ def test_data_loading_rejects_ungradable_rows_by_file_line_and_field(tmp_path):
                      ({**good, "data_source": "math", "reward_model": {"ground_truth": []}}, "math answer")):
         with pytest.raises(ValueError, match=msg):
             check_row(row)
+
+
+def test_archer_recipe_states_archers_limits():
+    from pathlib import Path
+
+    from archer_async.config import load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "launch" / "configs" / "archer_code_1.5b.yaml"
+    r = load_config([str(recipe)]).rewards
+    assert (r.timeout_s, r.functional_timeout_s, r.memory_mb, r.max_tests_per_problem) == (30.0, 60.0, 1024, 16)
+    assert r.lcb_timeout_s == 6.0
