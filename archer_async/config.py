@@ -250,28 +250,44 @@ class LossConfig(_Section):
 
 
 class RewardsConfig(_Section):
+    """Graders and their limits. The default limits are those of Archer's grader, the recipe this
+    project reproduces (wizard-III/ArcherCodeR rewards/code_utils/utils.py: 30 s per stdin test, 60 s
+    per functional run, `prlimit --as` 1 GiB, 16 sampled tests; LiveCodeBench rows: LiveCodeBench's
+    own 6 s per test), so a slow but correct solution scores as it does there."""
+
     workers: int = 2
     """Reward worker threads: samples graded in parallel (each runs its own sandboxes and math verifier)."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
     """bwrap: every program in a fresh bubblewrap sandbox. none: trusted data only (warns every run)."""
-    timeout_s: float = 5.0
-    """Wall-clock deadline of one program run; the whole sandbox is SIGKILLed past it."""
-    cpu_time_s: int = 5
-    """RLIMIT_CPU of one program run."""
+    timeout_s: float = 30.0
+    """Wall-clock limit of one stdin/stdout test (and of one call of a TACO / PrimeIntellect call-based
+    row); the sandbox is SIGKILLed past it. 30 s: Archer's code_exec timeout."""
+    functional_timeout_s: float = 60.0
+    """Wall-clock limit of one functional run (all of a problem's test code). 60 s: Archer's."""
+    lcb_timeout_s: float = 6.0
+    """Limit of one LiveCodeBench test (stdin or call), enforced test by test as LiveCodeBench's own
+    evaluation does (its --timeout default, 6 s; Archer's copy of that grader allows 150 s)."""
+    cpu_time_s: Optional[int] = None
+    """RLIMIT_CPU of one program run; None: the run's wall-clock limit rounded up (only the wall clock binds)."""
     memory_mb: int = 1024
-    """RLIMIT_AS of one program run."""
+    """RLIMIT_AS of each process of a run, in MiB. 1024: Archer's `prlimit --as=1073741824`."""
     max_output_bytes: int = 1_000_000
     """Output kept per program run; more is a fail."""
     max_tests_per_problem: int = 16
-    """Tests sampled per problem in training (evaluation runs all)."""
-    math_timeout_s: float = 5.0
-    """Deadline of one math verification (the verifier process is killed past it: status timeout)."""
+    """Tests sampled per stdin or call-based problem in training (evaluation runs all; LiveCodeBench rows
+    always run all). 16: Archer's max_test_case_num."""
+    math_timeout_s: float = 20.0
+    """Deadline of one math verification (the verifier process is killed past it: status timeout). Inside
+    it Archer's own limits apply (5 s to parse, 5 s to verify); this bounds sympy, which has none."""
     max_processes: int = 32
-    """RLIMIT_NPROC of one program run (processes and threads of its sandbox uid)."""
+    """RLIMIT_NPROC of one program run (processes and threads of one sandbox uid)."""
     max_open_files: int = 64
     """RLIMIT_NOFILE of one program run."""
     workdir_mb: int = 64
     """Size of the sandbox's in-memory work dir (/tmp) and RLIMIT_FSIZE of one program run."""
+    sandbox_packages: list[str] = ["numpy", "pandas"]
+    """Installed packages (import names) visible read-only inside the sandbox, with what they require:
+    Archer's and DeepCoder's preludes import numpy and pandas, TACO's and HumanEval+'s tests numpy."""
 
 
 class SyncConfig(_Section):

@@ -27,8 +27,9 @@ class DataError(UserError):
     """A data file is missing, unreadable or holds a malformed row (the message says where)."""
 
 
-def _check_row(row: Any, where: str) -> dict:
-    """Validate one row; return it with `extra_info` normalised to a dict. `where` names file and row."""
+def _check_row(row: Any, where: str, check=None) -> dict:
+    """Validate one row; return it with `extra_info` normalised to a dict. `where` names file and row;
+    `check(row)` (the graders' own check, passed in by the launcher) raises ValueError naming the field."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
     prompt = row.get("prompt")
@@ -55,10 +56,15 @@ def _check_row(row: Any, where: str) -> dict:
         row = {**row, "extra_info": {}}
     elif not isinstance(extra, dict):
         raise DataError(f"{where}: field 'extra_info' must be an object, got {type(extra).__name__}")
+    if check is not None:
+        try:
+            check(row)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
     return row
 
 
-def _read_jsonl(p: Path) -> list[dict]:
+def _read_jsonl(p: Path, check=None) -> list[dict]:
     rows = []
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -68,62 +74,63 @@ def _read_jsonl(p: Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            rows.append(_check_row(obj, f"{p}:{lineno}"))
+            rows.append(_check_row(obj, f"{p}:{lineno}", check))
     return rows
 
 
-def _read_json(p: Path) -> list[dict]:
+def _read_json(p: Path, check=None) -> list[dict]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{p}: a JSON data file must hold a list of rows, got {type(data).__name__}")
-    return [_check_row(obj, f"{p}: row {i}") for i, obj in enumerate(data)]
+    return [_check_row(obj, f"{p}: row {i}", check) for i, obj in enumerate(data)]
 
 
-def _read_parquet(p: Path) -> list[dict]:
+def _read_parquet(p: Path, check=None) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{p}: not a readable parquet file: {e}") from None
-    return [_check_row(obj, f"{p}: row {i}") for i, obj in enumerate(table.to_pylist())]
+    return [_check_row(obj, f"{p}: row {i}", check) for i, obj in enumerate(table.to_pylist())]
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows of one verl-format file (.parquet, .json list, .jsonl), validated; raises DataError."""
+def load_rows(path: str | Path, check=None) -> list[dict]:
+    """Rows of one verl-format file (.parquet, .json list, .jsonl), validated (and by `check`); raises DataError."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(p)
+        return _read_jsonl(p, check)
     if suffix == ".json":
-        return _read_json(p)
+        return _read_json(p, check)
     if suffix in (".parquet", ".pq"):
-        return _read_parquet(p)
+        return _read_parquet(p, check)
     raise DataError(f"{p}: unknown data format {suffix or '(no suffix)'!r}; use .parquet, .json or .jsonl")
 
 
-def load_dataset(files: list[str]) -> list[dict]:
+def load_dataset(files: list[str], check=None) -> list[dict]:
     """All rows of `files`, concatenated in order. A row's dataset index is its position here."""
     rows: list[dict] = []
     for f in files:
-        rows.extend(load_rows(f))
+        rows.extend(load_rows(f, check))
     return rows
 
 
-def default_datasets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """(train_rows, eval_rows): the configured files, or the embedded tiny generator where empty."""
+def default_datasets(cfg: DataConfig, check=None) -> tuple[list[dict], list[dict]]:
+    """(train_rows, eval_rows): the configured files, or the embedded tiny generator where empty;
+    `check(row)` validates each file row (ValueError -> DataError naming file, row and field)."""
     tiny = None
     if not cfg.train_files or not cfg.eval_files:
         from archer_async.taskgen import generate_tasks
 
         tiny = generate_tasks(cfg.tiny_num_train, cfg.tiny_num_eval, cfg.seed)
-    train = load_dataset(cfg.train_files) if cfg.train_files else tiny[0]
-    evals = load_dataset(cfg.eval_files) if cfg.eval_files else tiny[1]
+    train = load_dataset(cfg.train_files, check) if cfg.train_files else tiny[0]
+    evals = load_dataset(cfg.eval_files, check) if cfg.eval_files else tiny[1]
     if not train:
         raise DataError(f"data.train_files {cfg.train_files}: no rows")
     return train, evals

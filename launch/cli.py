@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="parallel grader workers (default 2)")
     s.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap",
                    help="none: trusted data only (default bwrap)")
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds per program run (default 5)")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="seconds per stdin test (default: rewards.timeout_s, Archer's 30)")
 
     d = sub.add_parser("dashboard", help="serve the live throughput dashboard of a run")
     d.add_argument("run_dir", metavar="RUN_DIR")

@@ -52,7 +52,9 @@ def preflight(cfg: Config, resume: bool) -> Preflight:
         raise UserError(f"model.path {str(model)!r}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     if not list(model.glob("*.safetensors")) and not list(model.glob("*.bin")):
         raise UserError(f"model.path {str(model)!r}: no weights (*.safetensors or *.bin)")
-    train_rows, eval_rows = default_datasets(cfg.data)
+    from rewards import check_row
+
+    train_rows, eval_rows = default_datasets(cfg.data, check=check_row)  # every row gradable, or DataError
     if not train_rows:
         raise UserError("data.train_files: no training rows")
     pre = Preflight(model.resolve(), len(train_rows), len(eval_rows))

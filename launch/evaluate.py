@@ -29,7 +29,9 @@ def eval_main(args) -> int:
         raise UserError(f"--model {str(model)!r}: not a Hugging Face model directory (no config.json)")
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
-    rows = load_dataset([args.data])
+    from rewards import check_row
+
+    rows = load_dataset([args.data], check=check_row)
     if args.limit:
         rows = rows[: args.limit]
     if not rows:

@@ -6,11 +6,12 @@ Public API:
     pool.close()
     score_one(data_source, ground_truth, response, cfg=None) -> Reward
     grader_kind(data_source) -> "code" | "math"        UnknownDataSource otherwise
+    check_row(row)                                     ValueError naming the field of an ungradable row
 """
 
 from archer_async.types import Reward
 
-from .pool import RewardPool, UnknownDataSource, grader_kind, score_one
+from .pool import RewardPool, UnknownDataSource, check_row, grader_kind, score_one
 from .sandbox import SandboxUnavailable
 
-__all__ = ["Reward", "RewardPool", "SandboxUnavailable", "UnknownDataSource", "grader_kind", "score_one"]
+__all__ = ["Reward", "RewardPool", "SandboxUnavailable", "UnknownDataSource", "check_row", "grader_kind", "score_one"]

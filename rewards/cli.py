@@ -9,7 +9,6 @@ validated before anything is graded; the output is written to a temp file and re
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from pathlib import Path
 from archer_async.config import RewardsConfig, UserError
 from archer_async.fsio import atomic_write_text
 
-from .pool import RewardPool, UnknownDataSource, grader_kind
+from .pool import RewardPool, check_row
 from .sandbox import SandboxUnavailable
 
 
@@ -51,8 +50,8 @@ def read_rows(path: str) -> list[dict]:
             if not isinstance(row.get("response"), str):
                 raise ScoreInputError(f"{where}: missing string field 'response'")
             try:
-                grader_kind(row["data_source"])
-            except UnknownDataSource as e:
+                check_row(row)
+            except ValueError as e:
                 raise ScoreInputError(f"{where}: {e}") from None
             rows.append(row)
     return rows
@@ -62,11 +61,11 @@ def score_main(args) -> int:
     """Handler of `archer-async score` (argparse namespace: input, output, workers, sandbox, timeout)."""
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if not (args.timeout > 0):
+    if args.timeout is not None and not (args.timeout > 0):
         raise UserError(f"--timeout must be > 0, got {args.timeout}")
     rows = read_rows(args.input)
-    cfg = RewardsConfig(workers=args.workers, sandbox=args.sandbox, timeout_s=args.timeout,
-                        cpu_time_s=max(1, math.ceil(args.timeout)))
+    cfg = RewardsConfig(workers=args.workers, sandbox=args.sandbox,
+                        **({} if args.timeout is None else {"timeout_s": args.timeout}))
     items = [(r["data_source"], r["reward_model"]["ground_truth"], r["response"]) for r in rows]
     from tqdm import tqdm
     t0 = time.monotonic()

@@ -1,243 +1,314 @@
-"""In-sandbox test harness for functional and call-based tests (this file's text is the program run).
+"""The trusted side of a functional or call-based run (inside the sandbox; this file's text is the program).
 
-The grader runs this file as /tmp/main.py inside the sandbox and writes one JSON payload on stdin:
-    {"mode": "functional" | "call", "nonce": str, "solution": str,
-     "test": str (functional), "func_name": str, "inputs": [str, ...] (call)}
+`boot.py` starts this process and the solution's process (runner.py) as two different uids joined by
+two pipes. This process reads the payload on stdin:
 
-The solution is compiled after a header of common imports (typing, collections, heapq, bisect, itertools,
-functools, math; recursion limit raised), as LiveCodeBench's harness does, and runs in a thread with a
-256 MiB stack.
+    {"nonce": str, "mode": "functional" | "lcb_call" | "lcb_stdio" | "taco_call", "solution": str,
+     "test": str (functional), "func_name": str, "inputs": [...], "outputs": [...], "per_test_s": float}
 
-Reporting channel: the original stdout, kept on a private fd; the solution's own prints go to stderr.
-Every report line starts with the per-run nonce, which lives only in a local of the harness thread and
-never in a place the solution can reach:
-- the payload is read to EOF before the solution runs (stdin then reads /dev/null);
-- the harness thread's frames cannot be reached: an audit hook (which Python code cannot remove)
-  refuses sys._getframe, frame attributes of tracebacks/generators/coroutines, sys._current_frames,
-  sys.settrace/setprofile, the gc object walkers and new audit hooks; signal handlers (which receive the
-  current frame) only ever run in the main thread, which sits in interpreter shutdown holding nothing;
-- ctypes, numpy and the _test* C modules are not present in the sandbox, and /proc is not mounted.
-So an early exit (sys.exit, os._exit, atexit, excepthook, killing the process) leaves no nonce line and
-fails. Call mode writes each return value as strict JSON (builtin types only, tuples as lists), compared
-with the expected value by the grader outside the sandbox. Functional mode runs the test code in its own
-namespace with its own builtins, with every comparison and every `assert` test rewritten to trusted
-helpers that refuse values of non-builtin types (an object whose __eq__ always says True fails).
+and writes one line on stdout: `<nonce> VERDICT {"status": "pass"|"fail"|"timeout", "reason": str}`.
+No code of the solution ever runs here: the solution's functions, classes and objects are handles
+(`Remote`) whose calls and attribute reads are messages to the other process, and what comes back is
+data (wire.py). The solution's process has no handle on this process's stdout, cannot read its memory
+(another uid, no ptrace) and cannot signal it, so nothing it does can write or fake the verdict line.
+
+functional (Archer/DeepCoder `{"functional": test code}`, HumanEval+ test code): the test code runs
+here after Archer's prelude (prelude.py), with the names the solution defined that the prelude and the
+builtins do not already define (so a solution cannot replace `is_same_list`, `abs` or `np` for the
+tests); it passes when it runs to the end (or calls exit(0)), as Archer's exit status 0.
+lcb_call / lcb_stdio: LiveCodeBench's run_test, test by test, stopping at the first failure, each test
+within per_test_s. taco_call: TACO's call-based run_test, the same way.
 """
 
-import ast
 import builtins
 import json
-import math
-import operator
 import os
 import sys
-import threading
+import time
 
-_PLAIN_SCALARS = (int, float, complex, str, bytes, bool, type(None))
-_PLAIN_CONTAINERS = (list, tuple, set, frozenset)
-_OPS = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
-        "GtE": operator.ge, "Is": operator.is_, "IsNot": operator.is_not,
-        "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
-_CMP_TAG, _TRUTH_TAG = "\x00grader-cmp\x00", "\x00grader-truth\x00"
-_BLOCKED_EVENTS = frozenset({"sys._current_frames", "sys._current_exceptions", "sys.settrace",
-                             "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                             "sys.addaudithook", "ctypes.dlopen", "ctypes.cdata", "ctypes.addressof"})
-_FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
-_IMPORTS = ("from typing import *\nfrom collections import *\nfrom heapq import *\nfrom bisect import *\n"
-            "from itertools import *\nfrom functools import *\nfrom math import *\nimport collections, heapq, "
-            "bisect, itertools, functools, math, string, re, random, sys\nsys.setrecursionlimit(100000)\n")
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # a read-only directory of the sandbox: the solution cannot add modules
+    import lcb_compat
+    import prelude
+    import wire
+else:  # imported by the unit tests
+    from . import lcb_compat, prelude, wire
+
+_ARCHER_RECURSION_LIMIT = 1000
 
 
-def _to_json(x, depth=0):
-    """Strict JSON-able copy of a return value (tuples become lists); TypeError for anything else."""
-    t = type(x)
-    if t in (int, str, bool, type(None)):
-        return x
-    if t is float:
-        return x if math.isfinite(x) else repr(x)
-    if depth > 500:
-        raise TypeError("return value nested too deeply")
-    if t in (list, tuple):
-        return [_to_json(v, depth + 1) for v in x]
-    if t is dict:
-        return {(k if type(k) is str else json.dumps(_to_json(k, depth + 1))): _to_json(v, depth + 1)
-                for k, v in x.items()}
-    raise TypeError(f"return value of type {t.__name__} is not a builtin JSON value")
+class Abort(BaseException):
+    """Ends the run with a verdict; not an Exception, so test code cannot catch it."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
-def _make_helpers():
-    """The trusted comparison helpers: closures over captured builtins only.
-
-    Nothing they use is looked up at call time in a module or in `builtins`, so a solution that
-    patches `builtins.all`, `operator.eq` or this module's globals does not change their verdict.
-    """
-    _type, _all, _bool, _len, _str = type, all, bool, len, str
-    _assert_error, _ops = AssertionError, dict(_OPS)
-    scalars, containers, _dict = _PLAIN_SCALARS, _PLAIN_CONTAINERS, dict
-
-    def plain(x, depth=0):
-        """True iff x is built only of builtin values (exact types, so no subclass can lie)."""
-        t = _type(x)
-        if t in scalars:
-            return True
-        if depth > 200:
-            return False
-        if t in containers:
-            return _all(plain(v, depth + 1) for v in x)
-        if t is _dict:
-            return _all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in _dict.items(x))
-        return False
-
-    def cmp(ops, *operands):
-        """Trusted chained comparison: every operand must be a builtin value (except for `is`)."""
-        for i in range(_len(ops)):
-            op, a, b = ops[i], operands[i], operands[i + 1]
-            if op not in ("Is", "IsNot") and not (plain(a) and plain(b)):
-                raise _assert_error("comparison of a non-builtin value ("
-                                    + _type(a).__name__ + " " + _str(op) + " " + _type(b).__name__ + ")")
-            if not _ops[op](a, b):
-                return False
-        return True
-
-    def truth(x):
-        """Trusted truth test: only builtin values may decide an assert."""
-        if not plain(x):
-            raise _assert_error("truth value of a non-builtin " + _type(x).__name__)
-        return _bool(x)
-
-    return cmp, truth
+class SolutionError(Exception):
+    """An exception of the solution whose type is not a builtin exception (raised here by name)."""
 
 
-class _Rewrite(ast.NodeTransformer):
-    """Comparisons -> _cmp(...), assert tests -> _truth(...), both as constants swapped in after compile."""
-
-    def visit_Compare(self, node):
-        self.generic_visit(node)
-        ops = ast.Tuple([ast.Constant(type(o).__name__) for o in node.ops], ast.Load())
-        return ast.copy_location(ast.Call(ast.Constant(_CMP_TAG), [ops, node.left, *node.comparators], []), node)
-
-    def _test(self, node):
-        if isinstance(node, ast.BoolOp):
-            return ast.copy_location(ast.BoolOp(node.op, [self._test(v) for v in node.values]), node)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            return ast.copy_location(ast.UnaryOp(node.op, self._test(node.operand)), node)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Constant) and node.func.value == _CMP_TAG:
-            return node
-        return ast.copy_location(ast.Call(ast.Constant(_TRUTH_TAG), [node], []), node)
-
-    def visit_Assert(self, node):
-        self.generic_visit(node)
-        node.test = self._test(node.test)
-        return node
+def _exception(name: str, text: str) -> Exception:
+    t = getattr(builtins, str(name), None)
+    if isinstance(t, type) and issubclass(t, Exception):
+        try:
+            return t(text)
+        except Exception:  # noqa: BLE001 - an exception type with a different signature
+            pass
+    return SolutionError(f"{name}: {text}")
 
 
-def _bind_consts(code, table):
-    """Replace tag constants by the trusted functions, recursively through nested code objects."""
-    consts = tuple(table.get(c, c) if type(c) is str else (_bind_consts(c, table) if type(c) is type(code) else c)
-                   for c in code.co_consts)
-    return code.replace(co_consts=consts)
+class Remote:
+    """A handle on an object of the solution's process. Equality is identity (never the solution's __eq__)."""
+
+    __slots__ = ("_rid", "_conn", "__weakref__")
+
+    def __init__(self, rid, conn):
+        object.__setattr__(self, "_rid", rid)
+        object.__setattr__(self, "_conn", conn)
+
+    def __call__(self, *args, **kwargs):
+        return self._conn.call(self, args, kwargs)
+
+    def __getattr__(self, name):
+        return self._conn.request(["getattr", self._rid, name])
+
+    def __setattr__(self, name, value):
+        raise TypeError("attributes of the solution's objects are read-only here")
+
+    def __bool__(self):
+        return bool(self._conn.request(["bool", self._rid]))
+
+    def __len__(self):
+        n = self._conn.request(["len", self._rid])
+        if type(n) is not int:
+            raise TypeError("len() of the solution's object is not an int")
+        return n
+
+    def __iter__(self):
+        return self._conn.request(["iter", self._rid])
+
+    def __next__(self):
+        return self._conn.request(["next", self._rid])
+
+    def __getitem__(self, key):
+        return self._conn.request(["getitem", self._rid, self._conn.codec.dumps(key)])
+
+    def __repr__(self):
+        return f"<solution object #{self._rid}>"
 
 
-def _compile_tests(test_src, cmp, truth):
-    import warnings
-    tree = ast.fix_missing_locations(_Rewrite().visit(ast.parse(test_src)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = compile(tree, "tests.py", "exec")
-    return _bind_consts(code, {_CMP_TAG: cmp, _TRUTH_TAG: truth})
+class HarnessCodec(wire.Codec):
+    def __init__(self, conn, node_types: dict):
+        super().__init__("p")
+        self.conn = conn
+        self.node_types = node_types  # {"L": ListNode, "T": TreeNode} of the prelude run here
+        self.remotes: dict = {}
+
+    def node_kind(self, obj):
+        t = type(obj)
+        return "L" if t is self.node_types.get("L") else "T" if t is self.node_types.get("T") else None
+
+    def new_node(self, kind):
+        cls = self.node_types.get(kind)
+        if cls is None:
+            raise wire.ProtocolError("no node types in this mode")
+        return cls(0)
+
+    def ref_of(self, obj):
+        if type(obj) is Remote:
+            return ["r", obj._rid]
+        raise TypeError(f"a {type(obj).__name__} cannot be passed to the solution")
+
+    def obj_of_ref(self, ref):
+        if type(ref) is not int:
+            raise wire.ProtocolError("bad handle")
+        r = self.remotes.get(ref)
+        if r is None:
+            r = self.remotes[ref] = Remote(ref, self.conn)
+        return r
 
 
-def _install_guard():
-    def hook(event, args):
-        if event == "sys._getframe":
-            raise ValueError("frame access is disabled in the grader")
-        if event in _BLOCKED_EVENTS:
-            raise RuntimeError(f"{event} is disabled in the grader")
-        if event == "object.__getattr__" and len(args) > 1 and args[1] in _FRAME_ATTRS:
-            raise AttributeError(f"{args[1]} is disabled in the grader")
-    sys.addaudithook(hook)
+class Conn:
+    """Requests to the solution's process; `deadline` (monotonic) bounds each answer when set."""
+
+    def __init__(self, wfd: int, rfd: int):
+        self.wfd, self.rfd = wfd, rfd
+        self.codec = HarnessCodec(self, {})
+        self.deadline = None
+
+    def request(self, msg, *, values=True):
+        try:
+            wire.send(self.wfd, msg)
+            reply = wire.recv(self.rfd, self.deadline)
+        except wire.Timeout:
+            raise Abort("timeout", "time limit exceeded") from None
+        except (wire.ProtocolError, OSError) as e:
+            raise Abort("fail", f"the solution's process stopped answering ({e})") from None
+        if type(reply) is not list or not reply:
+            raise Abort("fail", "protocol error")
+        tag = reply[0]
+        if tag == "ok" and len(reply) == 2:
+            if not values:
+                return reply[1]
+            try:
+                return self.codec.loads(reply[1])
+            except wire.ProtocolError as e:
+                raise Abort("fail", f"protocol error: {e}") from None
+        if tag == "exc" and len(reply) == 3:
+            raise _exception(reply[1], str(reply[2]))
+        if tag == "exit":
+            raise Abort("fail", f"the solution exited during the tests ({str(reply[1:2])[:60]})")
+        if tag == "stop":
+            raise StopIteration
+        if tag == "out" and len(reply) == 2 and type(reply[1]) is str:
+            return reply[1]
+        raise Abort("fail", "protocol error")
+
+    def call(self, fn: Remote, args: tuple, kwargs: dict):
+        """fn(*args, **kwargs) in the solution's process; arguments it changed in place change here too."""
+        sent = self.codec.dumps((args, kwargs))  # TypeError for a value that cannot be sent
+        out = self.request(["call", fn._rid, sent], values=False)
+        try:
+            result, args2, kwargs2 = self.codec.loads(out)
+            back = out["v"]
+            before_kw = {pair[0]: pair[1] for pair in sent["v"][2][1:]}
+            after_kw = {pair[0]: pair[1] for pair in back[3][1:]}
+            for orig, new, before, after in zip(args, args2, sent["v"][1][1:], back[2][1:]):
+                _sync(orig, new, before, after)
+            for k, orig in kwargs.items():
+                _sync(orig, kwargs2.get(k), before_kw.get(k), after_kw.get(k))
+        except (wire.ProtocolError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise Abort("fail", f"protocol error: {type(e).__name__}") from None
+        return result
 
 
-def _short(e):
-    return f"{type(e).__name__}: {e}"[:200]
+def _sync(orig, new, enc_before, enc_after) -> None:
+    """Mirror an in-place change of a container argument (nodes are mirrored by the codec)."""
+    if enc_before == enc_after or type(orig) is not type(new):
+        return
+    if type(orig) is list or type(orig) is bytearray:
+        orig[:] = new
+    elif type(orig) in (dict, set):
+        orig.clear()
+        orig.update(new)
 
 
-def _grade():
-    """Run the solution and its tests; report through the nonce channel. Returns the exit code."""
-    # Everything used after the solution's code has run is captured here first: the solution may patch
-    # builtins and modules (os.write, json.dumps, exec, ...), never these locals.
-    _exec, _compile, _getattr, _base_exc, _write = exec, compile, getattr, BaseException, os.write
-    _dumps, _loads, _type, _str = json.dumps, json.loads, type, str
-    raw = sys.stdin.buffer.read()
-    payload = _loads(raw)
-    del raw
-    nonce = payload.pop("nonce").encode()
-    mode = payload["mode"]
+def run_functional(conn: Conn, p: dict):
+    ns = prelude.namespace()
+    conn.codec.node_types = {"L": ns["ListNode"], "T": ns["TreeNode"]}
+    tests = compile(p["test"], "tests.py", "exec")
+    names = conn.request(["load", {"mode": "functional", "source": p["solution"]}])
+    if type(names) is not dict:
+        raise Abort("fail", "protocol error")
+    taken = set(ns) | set(dir(builtins))
+    for k, v in names.items():
+        if type(k) is str and k not in taken:
+            ns[k] = v
+    depth, f = 0, sys._getframe()
+    while f is not None:
+        depth, f = depth + 1, f.f_back
+    sys.setrecursionlimit(_ARCHER_RECURSION_LIMIT + depth)
+    try:
+        exec(tests, ns)
+    except SystemExit as e:  # the test code's own exit(): Archer reads the exit status
+        if e.code not in (None, 0):
+            raise Abort("fail", f"tests exited with {e.code!r}") from None
+    except Exception as e:  # noqa: BLE001 - a failing assert, an exception of the solution or of the tests
+        raise Abort("fail", _short(e)) from None
+    return "tests passed"
+
+
+def _load_target(conn: Conn, p: dict, mode: str):
+    try:
+        return conn.request(["load", {"mode": mode, "source": p["solution"], "func_name": p.get("func_name", "")}])
+    except Exception as e:  # noqa: BLE001
+        raise Abort("fail", "the solution failed to load: " + _short(e)) from None
+
+
+def run_lcb_call(conn: Conn, p: dict, per_test: float):
+    try:
+        inputs = [[json.loads(line) for line in str(text).split("\n")] for text in p["inputs"]]
+        outputs = [json.loads(out) for out in p["outputs"]]
+    except ValueError as e:
+        raise Abort("fail", f"test data is not JSON line by line ({e})") from None
+    conn.deadline = time.monotonic() + per_test
+    fn = _load_target(conn, p, "lcb_call")
+    for i, (args, expected) in enumerate(zip(inputs, outputs)):
+        conn.deadline = time.monotonic() + per_test
+        try:
+            got = fn(*args)
+            ok = lcb_compat.lcb_call_matches(got, expected)
+        except Exception as e:  # noqa: BLE001 - LiveCodeBench: runtime error
+            raise Abort("fail", f"test {i}: " + _short(e)) from None
+        if not ok:
+            raise Abort("fail", f"test {i}: wrong answer")
+    return f"{len(inputs)} tests passed"
+
+
+def run_taco_call(conn: Conn, p: dict, per_test: float):
+    conn.deadline = time.monotonic() + per_test
+    fn = _load_target(conn, p, "taco_call")
+    for i, (inp, out) in enumerate(zip(p["inputs"], p["outputs"])):
+        inp, out = lcb_compat.taco_process_input_output(inp, out)
+        conn.deadline = time.monotonic() + per_test
+        try:
+            got = fn(*inp)
+        except Exception as e:  # noqa: BLE001 - TACO: runtime error
+            raise Abort("fail", f"test {i}: " + _short(e)) from None
+        if not lcb_compat.taco_matches(got, out):
+            raise Abort("fail", f"test {i}: wrong answer")
+    return f"{len(p['inputs'])} tests passed"
+
+
+def run_lcb_stdio(conn: Conn, p: dict, per_test: float):
+    conn.deadline = time.monotonic() + per_test
+    _load_target(conn, p, "lcb_stdio")
+    for i, (inp, expected) in enumerate(zip(p["inputs"], p["outputs"])):
+        conn.deadline = time.monotonic() + per_test
+        try:
+            got = conn.request(["stdio", inp])
+        except Exception as e:  # noqa: BLE001 - LiveCodeBench: runtime error
+            raise Abort("fail", f"test {i}: " + _short(e)) from None
+        if not wire.lcb_output_matches(got, expected):
+            raise Abort("fail", f"test {i}: wrong answer")
+    return f"{len(p['inputs'])} tests passed"
+
+
+def _short(e) -> str:
+    try:
+        text = str(e)
+    except Exception:  # noqa: BLE001
+        text = ""
+    return (f"{type(e).__name__}: {text}" if text else type(e).__name__)[:200]
+
+
+MODES = {"functional": lambda c, p: run_functional(c, p),
+         "lcb_call": lambda c, p: run_lcb_call(c, p, float(p["per_test_s"])),
+         "lcb_stdio": lambda c, p: run_lcb_stdio(c, p, float(p["per_test_s"])),
+         "taco_call": lambda c, p: run_taco_call(c, p, float(p["per_test_s"]))}
+
+
+def main() -> None:
+    wfd, rfd = int(sys.argv[1]), int(sys.argv[2])
     report_fd = os.dup(1)
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(2, 1)  # the solution's prints go to stderr
-
-    def report(line):
-        data = nonce + b" " + line.encode("utf-8", "replace") + b"\n"
-        while data:
-            data = data[_write(report_fd, data):]
-
-    def short(e):
-        try:
-            return (_type(e).__name__ + ": " + _str(e))[:200]
-        except _base_exc:  # noqa: BLE001 - a hostile __str__
-            return "exception"
-
-    cmp, truth = _make_helpers()
-    compiled_tests = _compile_tests(payload["test"], cmp, truth) if mode == "functional" else None
-    pristine_builtins = dict(builtins.__dict__)
-    solution = _compile(_IMPORTS + payload["solution"], "solution.py", "exec")
-    inputs, name = payload.get("inputs", []), payload.get("func_name", "")
-    del payload
-    _install_guard()
-    ns = {"__name__": "solution", "__builtins__": builtins}
+    os.dup2(2, 1)  # prints of the test code go to stderr; stdout carries the verdict alone
+    sys.set_int_max_str_digits(50000)
+    payload = json.loads(sys.stdin.buffer.read())
+    nonce = payload.pop("nonce")
+    conn = Conn(wfd, rfd)
     try:
-        _exec(solution, ns)
-    except _base_exc as e:  # noqa: BLE001 - any failure of the solution's module code is a fail
-        report("ERROR " + _dumps("solution failed to load: " + short(e)))
-        return 1
-    if mode == "functional":
-        tns = {k: v for k, v in ns.items() if k != "__builtins__"}
-        tns.update({"__name__": "__main__", "__builtins__": pristine_builtins})
-        try:
-            _exec(compiled_tests, tns)
-        except _base_exc as e:  # noqa: BLE001
-            report("FAIL " + _dumps(short(e)))
-            return 1
-        report("PASS")
-        return 0
-    try:
-        fn = _getattr(ns["Solution"](), name) if "Solution" in ns else ns[name]
-    except _base_exc as e:  # noqa: BLE001
-        report("ERROR " + _dumps("no callable " + name + ": " + short(e)))
-        return 1
-    for text in inputs:
-        try:
-            args = [_loads(line) for line in text.split("\n") if line.strip()]
-            value = _dumps(_to_json(fn(*args)))
-        except _base_exc as e:  # noqa: BLE001
-            report("ERROR " + _dumps(short(e)))
-            return 1
-        report("RESULT " + value)
-    report("END")
-    return 0
-
-
-def _thread_main():
-    _exit = os._exit
-    try:
-        rc = _grade()
-    except BaseException:  # noqa: BLE001 - the harness must exit, never hang
-        rc = 2
-    _exit(rc)
+        verdict = {"status": "pass", "reason": MODES[payload["mode"]](conn, payload)}
+    except Abort as a:
+        verdict = {"status": a.status, "reason": a.reason}
+    except MemoryError:
+        verdict = {"status": "fail", "reason": "out of memory"}
+    data = (nonce + " VERDICT " + json.dumps(verdict) + "\n").encode()
+    while data:
+        data = data[os.write(report_fd, data):]
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    threading.stack_size(256 * 1024 * 1024)  # deep recursion in solutions (counts against RLIMIT_AS)
-    threading.Thread(target=_thread_main, name="grader").start()
+    main()

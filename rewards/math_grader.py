@@ -1,130 +1,96 @@
-"""Math rewards (docs/algorithm.md section 8): the last \\boxed{} after </think> against the ground truth.
+"""Math rewards (docs/algorithm.md section 8): Archer's math reward OR Math-Verify.
 
-`check_answer` decides equivalence by any of: normalised string equality, exact numeric equality of
-simple forms (integers, decimals, fractions, \\frac, percentages), math-verify's verdict, and a sympy
-difference of the two parsed expressions (latex2sympy, never `sympify`/`eval` on model text).
-It may hang or blow up on pathological input, so the pool only calls it inside a killable worker
-process (`math_worker.py`) with a hard deadline.
+`check_answer(gold, response)` passes when either accepts:
+
+1. Archer's RewardMathFn as shipped (wizard-III/ArcherCodeR@8a1785b rewards/general_reward.py): the text
+   after the first </think>; its last \\boxed{} answer against each gold (a gold holding \\boxed{} is
+   unwrapped) by the mathd normaliser or the sympy comparison (math_archer.py); else Math-Verify's
+   extracted answer string equal to a gold string. (Archer's final Math-Verify fallback computes a
+   result and drops it; it is item 2 here.)
+2. Math-Verify (huggingface/Math-Verify): verify(parse("\\boxed{gold}"), parse(response)) for any gold,
+   as Archer's fallback would if it returned its result.
+
+Departure from both: an empty answer never matches (Archer's normaliser accepts an empty \\boxed{} when a
+gold list holds an empty alternative). The pool calls this only inside a killable worker process
+(math_worker.py): sympy has no time limit of its own.
 """
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
 from typing import Any
 
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+from .math_archer import extract_answer, grade_answer_mathd, grade_answer_sympy
 
 
-def extract_boxed(response: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\boxed x) after the first </think> (all text if none)."""
-    _, sep, after = response.partition("</think>")
-    text = after if sep else response
-    starts = [m for m in _BOX.finditer(text)]
-    for m in reversed(starts):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                c = text[j]
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j].strip()
-            continue  # unbalanced: try an earlier box
-        tok = re.match(r"[^\s$]+", text[i:])
-        if tok:
-            return tok.group(0)
-    return None
+def _after_think(response: str) -> str:
+    parts = response.split("</think>")
+    return parts[1] if len(parts) > 1 else response
 
 
-_STRIP_CMDS = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", r"\mathrm", r"\textstyle"]
+def _golds(gold: Any) -> list:
+    return list(gold) if isinstance(gold, (list, tuple)) else [gold]
 
 
-def normalize(s: str) -> str:
-    """Canonical string form of a short answer (spacing, LaTeX decorations, units of degrees, ...)."""
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\mbox\{\s*([^{}]*)\}", r"\1", s)
-    for c in _STRIP_CMDS:
-        s = s.replace(c, "")
-    s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").replace("^\\circ", "").replace("^{\\circ}", "")
-    s = s.replace("\\%", "%").replace("\\$", "").replace("\\ ", "").replace("~", "")
-    s = re.sub(r"\s+", "", s)
-    s = re.sub(r"^[a-zA-Z]\s*=", "", s)  # "x=3" -> "3"
-    s = s.rstrip(".")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"(\d),(\d{3})(?!\d)", r"\1\2", s)  # 1,000 -> 1000
-    return s
+def archer_math(gold: Any, response: str) -> tuple[bool, str]:
+    """Archer's RewardMathFn as shipped (empty answers and golds never match)."""
+    import math_verify
 
-
-def to_number(s: str) -> Fraction | None:
-    """Exact value of a simple numeric answer (int, decimal, a/b, \\frac{a}{b}, -, %), else None."""
-    s = normalize(s)
-    pct = s.endswith("%")
-    s = s.rstrip("%")
-    neg = s.startswith("-")
-    s = s.lstrip("-+")
-    m = re.fullmatch(r"\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s) or re.fullmatch(
-        r"(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)", s)
+    golds = _golds(gold)
+    solution = _after_think(response)
+    processed = []
+    for truth in golds:
+        truth = str(truth)
+        if "\\boxed" in truth:
+            truth = extract_answer(truth)
+            if truth is None:
+                continue
+        if truth.strip():
+            processed.append(truth)
+    if not processed:
+        return False, "no usable gold answer"
+    answer = extract_answer(solution)
+    if answer is not None and answer.strip():
+        for truth in processed:
+            if grade_answer_mathd(answer, truth) or grade_answer_sympy(answer, truth):
+                return True, "matches (Archer's normaliser)"
     try:
-        if m:
-            den = Fraction(m.group(2))
-            if den == 0:
-                return None
-            v = Fraction(m.group(1)) / den
-        elif re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s):
-            v = Fraction(s)
-        else:
-            return None
-    except (ValueError, ZeroDivisionError):
-        return None
-    v = -v if neg else v
-    return v / 100 if pct else v
+        parsed = math_verify.parse(solution, parsing_timeout=5)
+    except Exception:  # noqa: BLE001 - Archer: a parse failure is a wrong answer
+        return False, "unparsable answer"
+    if len(parsed) >= 2 and isinstance(parsed[1], str) and parsed[1].strip() and parsed[1] in golds:
+        return True, "matches (Math-Verify's answer string)"
+    return False, f"wrong answer {answer[:60]!r}" if answer is not None else "no \\boxed{} answer"
 
 
-def _math_verify(gold: str, answer: str) -> bool:
+def math_verify_match(gold: Any, response: str) -> bool:
+    """Math-Verify: the boxed gold against the whole response, for any gold."""
     from math_verify import parse, verify
-    g = parse(f"${gold}$", parsing_timeout=None)
-    a = parse(f"${answer}$", parsing_timeout=None)
-    return bool(g and a and verify(g, a, timeout_seconds=None))
 
-
-def _sympy_equal(gold: str, answer: str) -> bool:
-    import sympy
-    from latex2sympy2_extended import latex2sympy
-    a, b = latex2sympy(normalize(gold)), latex2sympy(normalize(answer))
-    if not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
-        return bool(a == b)
-    return sympy.simplify(a - b) == 0
+    pred = parse(response)
+    if not pred:
+        return False
+    for g in _golds(gold):
+        g = str(g)
+        if not g.strip():
+            continue
+        try:
+            if verify(parse("\\boxed{" + g + "}"), pred):
+                return True
+        except Exception:  # noqa: BLE001 - a verifier crash is a non-match
+            continue
+    return False
 
 
 def check_answer(gold: Any, response: str) -> tuple[bool, str]:
     """(correct, reason) of a response against one gold answer or a list of accepted answers."""
-    answer = extract_boxed(response)
-    if answer is None:
-        return False, "no \\boxed{} answer"
-    golds = gold if isinstance(gold, list) else [gold]
-    for g in golds:
-        g = extract_boxed(str(g)) or str(g)
-        if normalize(g) == normalize(answer):
-            return True, "matches (string)"
-        gn, an = to_number(g), to_number(answer)
-        if gn is not None and an is not None:
-            if gn == an:
-                return True, "matches (number)"
-            continue  # two plain numbers that differ: no symbolic route can make them equal
-        try:
-            if _math_verify(g, answer):
-                return True, "matches (math-verify)"
-        except Exception:  # noqa: BLE001 - a parser crash is a non-match, not a grader failure
-            pass
-        try:
-            if _sympy_equal(g, answer):
-                return True, "matches (sympy)"
-        except Exception:  # noqa: BLE001
-            pass
-    return False, f"wrong answer {answer[:60]!r}"
+    ok, reason = archer_math(gold, response)
+    if ok:
+        return True, reason
+    if math_verify_match(gold, response):
+        return True, "matches (Math-Verify)"
+    return False, reason
+
+
+def extract_boxed(response: str) -> str | None:
+    """The last \\boxed{...} answer after the first </think> (Archer's extraction)."""
+    return extract_answer(_after_think(response))

@@ -8,6 +8,7 @@ so a normaliser that hangs (a CPU loop no `wait_for` can interrupt) costs one de
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -26,7 +27,8 @@ def _serve(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     sys.set_int_max_str_digits(10_000)
     from rewards.math_grader import check_answer
-    import math_verify  # noqa: F401 - import cost paid before "ready"
+    for name in ("math_verify", "sympy", "pylatexenc.latex2text"):  # import cost paid before "ready"
+        importlib.import_module(name)
     out = sys.stdout
     out.write('{"ready": true}\n')
     out.flush()

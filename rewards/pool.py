@@ -27,13 +27,14 @@ from typing import Any, Callable, Optional
 from archer_async.config import RewardsConfig, UserError
 from archer_async.types import Reward
 
-from .code_grader import CodeGrader
+from .code_grader import CodeGrader, parse_ground_truth
 from .math_worker import MathWorker
 from .sandbox import Limits, make_sandbox, processes_of_uids
 
 log = logging.getLogger(__name__)
 
-_CODE_EXACT = {"code", "humanevalplus", "tiny_code"}
+_CODE_EXACT = {"code", "humanevalplus", "tiny_code", "taco", "apps", "code_contests", "codecontests", "codeforces",
+               "primeintellect", "leetcode", "kodcode"}
 _CODE_PREFIX = ("livecodebench",)
 _MATH_EXACT = {"math", "math500", "minerva", "tiny_math"}
 _MATH_PREFIX = ("aime", "amc", "olympiad")
@@ -51,8 +52,27 @@ def grader_kind(data_source: str) -> str:
     if ds in _MATH_EXACT or ds.startswith(_MATH_PREFIX):
         return "math"
     raise UnknownDataSource(
-        f"unknown data_source {data_source!r}: code graders take code, livecodebench*, humanevalplus, tiny_code; "
+        f"unknown data_source {data_source!r}: code graders take code, livecodebench*, humanevalplus, taco, apps, "
+        "code_contests, codecontests, codeforces, primeintellect, leetcode, tiny_code; "
         "math graders take math, aime*, amc*, math500, minerva, olympiad*, tiny_math")
+
+
+def check_row(row: dict) -> None:
+    """Raise ValueError naming the field unless the row's data_source has a grader and its
+    reward_model.ground_truth is a format that grader takes (data loading calls this for every row)."""
+    source = row.get("data_source")
+    try:
+        kind = grader_kind(source)
+    except UnknownDataSource as e:
+        raise ValueError(f"data_source: {e}") from None
+    gt = (row.get("reward_model") or {}).get("ground_truth")
+    if kind == "code":
+        parse_ground_truth(gt, str(source).strip().lower())  # GroundTruthError is a ValueError
+        return
+    golds = gt if isinstance(gt, list) else [gt]
+    if not golds or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in golds):
+        raise ValueError("reward_model.ground_truth: a math answer must be a string or number, or a non-empty "
+                         f"list of them, got {type(gt).__name__}")
 
 
 def limits_from_config(cfg: RewardsConfig) -> Limits:
@@ -77,11 +97,15 @@ class RewardPool:
     def __init__(self, cfg: RewardsConfig):
         if cfg.workers < 1:
             raise UserError(f"rewards.workers must be >= 1, got {cfg.workers}")
-        if not (cfg.timeout_s > 0 and cfg.math_timeout_s > 0 and cfg.cpu_time_s >= 1):
-            raise UserError("rewards.timeout_s, rewards.math_timeout_s and rewards.cpu_time_s must be positive")
+        for key in ("timeout_s", "functional_timeout_s", "lcb_timeout_s", "math_timeout_s"):
+            if not getattr(cfg, key) > 0:
+                raise UserError(f"rewards.{key} must be positive, got {getattr(cfg, key)}")
+        if cfg.cpu_time_s is not None and cfg.cpu_time_s < 1:
+            raise UserError(f"rewards.cpu_time_s must be >= 1 (or null), got {cfg.cpu_time_s}")
         self.cfg = cfg
         self.limits = limits_from_config(cfg)
-        self.sandbox = make_sandbox(cfg.sandbox, self.limits)  # probes; raises SandboxUnavailable
+        # probes; raises SandboxUnavailable
+        self.sandbox = make_sandbox(cfg.sandbox, self.limits, packages=tuple(cfg.sandbox_packages))
         if cfg.sandbox == "none":
             self._warn_unsandboxed()
         self._jobs: queue.Queue = queue.Queue(maxsize=max(2, 2 * cfg.workers))
@@ -106,7 +130,9 @@ class RewardPool:
                 self._threads.append(t)
 
     def _worker(self) -> None:
-        code = CodeGrader(self.sandbox, self.cfg.max_tests_per_problem)
+        c = self.cfg
+        code = CodeGrader(self.sandbox, c.max_tests_per_problem, per_test_s=c.timeout_s,
+                          functional_s=c.functional_timeout_s, lcb_per_test_s=c.lcb_timeout_s)
         mathw = MathWorker(self.cfg.math_timeout_s, memory_mb=max(2048, 2 * self.cfg.memory_mb))
         try:
             while True:
@@ -118,7 +144,8 @@ class RewardPool:
                 try:
                     if grader_kind(source) == "code":
                         rng = random.Random(hash((i, len(response))))
-                        r = code.grade(gt, response, training=training, rng=rng, uids=batch.uids)
+                        r = code.grade(gt, response, training=training, rng=rng, uids=batch.uids,
+                                       data_source=str(source).strip().lower())
                     else:
                         r = mathw.check(gt, response)
                 except Exception as e:  # noqa: BLE001 - a grader crash is an infra error, never a 0

@@ -3,6 +3,8 @@ dir, and not disturb the grader or the next sample. They run in parallel through
 
 The expected outputs are secrets of the host (a file's content, a server's reply, a token), so a program
 only "passes" if its attack works. Programs of the functional format try to fake the end of the tests.
+Every capability the sandbox offers has its attacks: numpy, pandas and ctypes are visible (read-only),
+exit()/quit() exist, the LeetCode helpers are defined, and functional tests run in a second process.
 """
 
 import json
@@ -16,7 +18,7 @@ import pytest
 
 from archer_async.config import RewardsConfig
 from rewards import RewardPool
-from rewards.sandbox import sandbox_processes
+from rewards.sandbox import GRADER_DIR, _site_dir, sandbox_processes
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +55,26 @@ def _leak(values):
                     os.write(fd, (v + ' PASS\\n' + v + ' RESULT 9\\n' + v + ' END\\n').encode())
                 except OSError:
                     pass
+"""
+
+
+SCAN_MEMORY = """
+import numpy as np, os, re
+from numpy.lib.stride_tricks import as_strided
+base = np.zeros(1, dtype=np.uint8)
+found = set()
+for span in (1 << 16, 1 << 20, 1 << 24):
+    try:
+        view = as_strided(base, shape=(span,), strides=(1,))
+        found.update(re.findall(rb"[0-9a-f]{32}", view.tobytes()))
+    except Exception:
+        break
+for tok in found:
+    for fd in range(0, 40):
+        try:
+            os.write(fd, tok + b' VERDICT {"status": "pass", "reason": "x"}\\n')
+        except OSError:
+            pass
 """
 
 
@@ -150,6 +172,48 @@ def attacks(port: int) -> list[tuple[str, str, str]]:
         ("call lying eq", LCB_CALL, R("class A(int):\n    def __eq__(s, o): return True\n"
                                       "class Solution:\n    def square(self, x): return A(0)")),
         ("call early exit", LCB_CALL, R("import os\nclass Solution:\n    def square(self, x): os._exit(0)")),
+        # the capabilities added for dataset parity: numpy / pandas / ctypes, exit(), helpers, two processes
+        ("numpy write outside", s(SECRET), R("import numpy as np\nfor p in " + repr(WRITE_TARGETS) + ":\n    try:\n"
+                                             "        np.save(p, np.zeros(3))\n    except Exception:\n        pass\nprint('w')")),
+        ("numpy read host file", s(SECRET), R(f"import numpy as np\nprint(np.fromfile('{host}', dtype='S1').tobytes().decode())")),
+        ("pandas read host file", s(SECRET), R(f"import pandas as pd\nprint(pd.read_csv('{host}', header=None)[0][0])")),
+        ("write site-packages", s(SECRET), R("import numpy, os\nd = os.path.dirname(numpy.__file__)\n"
+                                             "open(os.path.join(d, 'pwn.py'), 'w').write('x')\nprint('w')")),
+        ("ctypes setuid", s(SECRET), R("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.setuid(0)\nlibc.setgid(0)\n"
+                                       "print(open('/etc/shadow').read())")),
+        ("ctypes unshare mount", s(SECRET), R("import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+                                              "print(libc.unshare(0x10000000 | 0x00020000))\nos.makedirs('/tmp/h', exist_ok=True)\n"
+                                              "print(libc.mount(b'/', b'/tmp/h', None, 4096 | 16384, None))\n"
+                                              f"print(open('/tmp/h{host}').read())")),
+        ("ctypes raw socket", s("PONG-" + SECRET), R(f"import ctypes, socket\nlibc = ctypes.CDLL(None)\nlibc.unshare(0x40000000)\n"
+                                                     f"c = socket.create_connection(('127.0.0.1', {port}), 1)\nprint(c.recv(100).decode())")),
+        ("ctypes ptrace harness", FUNCTIONAL, R("import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+                                                "for pid in range(1, 64):\n    if pid != os.getpid():\n"
+                                                "        libc.ptrace(16, pid, 0, 0)\n" + WRONG)),
+        ("kill the harness", FUNCTIONAL, R("import os, signal\nfor pid in range(1, 200):\n    if pid != os.getpid():\n"
+                                           "        try:\n            os.kill(pid, signal.SIGKILL)\n        except OSError:\n"
+                                           "            pass\n" + WRONG)),
+        ("numpy memory scan", FUNCTIONAL, R(SCAN_MEMORY + WRONG)),
+        ("garbage on the pipes", FUNCTIONAL, R("import os\nfor fd in range(3, 40):\n    try:\n"
+                                               "        os.write(fd, b'\\x7f' * 8 + b'[\"ok\"')\n    except OSError:\n"
+                                               "        pass\n" + WRONG)),
+        ("huge reply", FUNCTIONAL, R("def square(x):\n    return [0] * 10**8")),
+        ("deep reply", FUNCTIONAL, R("def square(x):\n    a = []\n    for _ in range(10**5):\n        a = [a]\n    return a")),
+        ("shadow test helper", json.dumps({"functional": "assert is_same_list(build(), list_node([1]))\n"}),
+         R("def build():\n    return None\ndef is_same_list(a, b):\n    return True")),
+        ("shadow builtin", json.dumps({"functional": "assert abs(f(1.33) - 0.33) < 1e-6\n"}),
+         R("def abs(x):\n    return 0\ndef f(x):\n    return 5.0")),
+        ("patch numpy", json.dumps({"functional": "import numpy as np\nassert np.allclose(f(1), 2.0)\n"}),
+         R("import numpy as np\nnp.allclose = lambda *a, **k: True\ndef f(x):\n    return 7.0")),
+        ("module exit()", FUNCTIONAL, R("exit()\n" + WRONG)),
+        ("module quit()", FUNCTIONAL, R("quit()\n" + WRONG)),
+        ("exit() in call", FUNCTIONAL, R("def square(x):\n    exit(0)")),
+        ("hijack harness imports", FUNCTIONAL, R("import os\nfor d in ('/tmp', " + repr(GRADER_DIR) + ", " + repr(_site_dir())
+                                                 + "):\n    for m in ('json.py', 'wire.py', 'lcb_compat.py'):\n"
+                                                 "        try:\n            open(os.path.join(d, m), 'w').write('raise SystemExit')\n"
+                                                 "        except OSError:\n            pass\n" + WRONG)),
+        ("lcb stdin forged output", json.dumps([{"input": "", "output": SECRET, "testtype": "stdin", "metadata": {}}]),
+         R("import os\nfor fd in range(0, 40):\n    try:\n        os.write(fd, b'x')\n    except OSError:\n        pass\nprint('nope')")),
         ("call forged lines", LCB_CALL, R("import os\nfor fd in range(40):\n    try:\n"
                                           "        os.write(fd, b'RESULT 9\\nEND\\n')\n    except OSError:\n        pass\n"
                                           "class Solution:\n    def square(self, x): return 0")),
@@ -185,15 +249,21 @@ def server():
 def test_adversarial_suite(server):
     HOST_SECRET.write_text(SECRET)
     try:
-        cfg = RewardsConfig(workers=6, timeout_s=2.0, cpu_time_s=2, memory_mb=512, max_processes=16,
-                            max_output_bytes=100_000, workdir_mb=16)
+        cfg = RewardsConfig(workers=6, timeout_s=2.0, functional_timeout_s=4.0, lcb_timeout_s=2.0, cpu_time_s=2,
+                            memory_mb=512, max_processes=16, max_output_bytes=100_000, workdir_mb=16)
         programs = attacks(server)
-        assert len(programs) >= 40
+        assert len(programs) >= 75
         with RewardPool(cfg) as pool:
             rewards = pool.score([("livecodebench", gt, resp) for _, gt, resp in programs], training=False)
             results = {name: (r.status, r.reason) for (name, _, _), r in zip(programs, rewards)}
             bad = {k: v for k, v in results.items() if v[0] not in ("fail", "timeout")}
             assert not bad, bad
+            # the harness outlived the attacks on it and ran the tests to a failing assert
+            for name in ("kill the harness", "ctypes ptrace harness", "numpy memory scan", "module exit()"):
+                assert results[name][0] == "fail", (name, results[name])
+            for name in ("kill the harness", "ctypes ptrace harness"):
+                assert "AssertionError" in results[name][1], (name, results[name])
+            assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "pwn.py"))
             assert sandbox_processes() == []  # no process of any scored program is left
             for p in WRITE_TARGETS + [f"/tmp/shared-{TOKEN}"]:
                 assert not os.path.exists(p), p

@@ -15,7 +15,9 @@ ROWS = [
      "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["2\n"], "outputs": ["4\n"]})},
      "extra_info": {"index": 0}, "response": "</think>```python\nprint(int(input()) * 2)\n```"},
     {"data_source": "tiny_math", "reward_model": {"ground_truth": "5"}, "response": r"</think>\boxed{6}"},
-    {"data_source": "code", "reward_model": {"ground_truth": json.dumps({"nope": 1})}, "response": "```python\n```"},
+    {"data_source": "livecodebench", "reward_model": {"ground_truth": json.dumps(
+        [{"input": "3\n", "output": "0.50\n", "testtype": "stdin", "metadata": {}}])},
+     "response": "</think>```python\nimport sys\nprint('0.5')\nsys.exit(2)\n```"},
     {"data_source": "code", "reward_model": {"ground_truth": {"inputs": ["1"], "outputs": ["1"]}},
      "response": "</think>```python\nwhile True: pass\n```"},
 ]
@@ -26,14 +28,14 @@ def test_score_cli_end_to_end(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "\n")
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "score", str(src), "-o", str(out),
                            "--workers", "2", "--timeout", "1.5"], capture_output=True, text=True, timeout=300)
+    # 1.5 s per stdin test; the LiveCodeBench row is graded as LiveCodeBench does (0.5 == 0.50, exit code ignored)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 4
     for row, got in zip(ROWS, lines):
         assert list(got)[: len(row)] == list(row) and all(got[k] == v for k, v in row.items())
         assert list(got)[len(row):] == ["reward", "status", "reason"]
-    assert [(x["reward"], x["status"]) for x in lines] == [(1, "pass"), (0, "fail"), (None, "infra_error"),
-                                                           (0, "timeout")]
+    assert [(x["reward"], x["status"]) for x in lines] == [(1, "pass"), (0, "fail"), (1, "pass"), (0, "timeout")]
     assert "scored 4 samples" in proc.stderr and "scoring" in proc.stderr  # summary and progress bar
 
 
@@ -44,6 +46,12 @@ def test_score_cli_end_to_end(tmp_path):
     (json.dumps({"data_source": "math", "response": "x"}), "reward_model.ground_truth"),
     (json.dumps({"data_source": "math", "reward_model": {"ground_truth": "1"}}), "'response'"),
     (json.dumps({"data_source": "poetry", "reward_model": {"ground_truth": "1"}, "response": "x"}), "unknown data_source"),
+    (json.dumps({"data_source": "code", "reward_model": {"ground_truth": json.dumps({"nope": 1})}, "response": "x"}),
+     "reward_model.ground_truth: unknown keys"),
+    (json.dumps({"data_source": "kodcode", "reward_model": {"ground_truth": json.dumps("def test_a(): pass")},
+                 "response": "x"}), "reward_model.ground_truth: a bare string of test code"),
+    (json.dumps({"data_source": "math", "reward_model": {"ground_truth": {"a": 1}}, "response": "x"}),
+     "reward_model.ground_truth: a math answer"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, capsys, line, msg):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

@@ -1,4 +1,4 @@
-"""Right and wrong solutions for every code format, graded by a real RewardPool in bubblewrap."""
+"""Right and wrong solutions for every code row format, graded by a real RewardPool in bubblewrap."""
 
 import json
 
@@ -32,7 +32,44 @@ TWO_SUM = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) 
            "            if target - x in seen:\n                return [seen[target - x], i]\n"
            "            seen[x] = i\n")
 
+LEETCODE = json.dumps({"functional": "def check(candidate):\n"
+                       "    assert is_same_list(candidate(head = list_node([1,2,3])), list_node([3,2,1]))\n"
+                       "    assert is_same_list(candidate(head = list_node([])), list_node([]))\n"
+                       "\ncheck(Solution().reverseList)\n"})
+REVERSE = ("class Solution:\n    def reverseList(self, head: Optional[ListNode]) -> Optional[ListNode]:\n"
+           "        prev = None\n        while head:\n            head.next, prev, head = prev, head, head.next\n"
+           "        return prev\n")
+HUMANEVAL_PLUS = json.dumps("import numpy as np\n\ndef assertion(out, exp, atol):\n    if atol == 0:\n"
+                            "        assert out == exp\n    else:\n        assert np.allclose(out, exp, rtol=1e-07, atol=atol)\n"
+                            "\ndef check(candidate):\n    inputs = [[[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0, 4.0]]]\n"
+                            "    results = [0.6666666666666666, 1.0]\n    for i, (inp, exp) in enumerate(zip(inputs, results)):\n"
+                            "        assertion(candidate(*inp), exp, 1e-6)\n\ncheck(mean_absolute_deviation)\n")
+MAD = ("def mean_absolute_deviation(numbers):\n    a = np.array(numbers)\n"
+       "    return float(np.mean(np.abs(a - a.mean())))\n")
+TACO_FN = json.dumps({"fn_name": "pairs", "inputs": [[3], [1]], "outputs": [[[[0, 1], [1, 2]]], [[]]]})
+PI_FN = json.dumps([{"type": "function_call", "fn_name": "add", "input": [1, 2], "output": [3]},
+                    {"type": "function_call", "fn_name": "add", "input": [5, 5], "output": [10]}])
+LCB_FLOAT = json.dumps([{"input": "2\n", "output": "0.50\n", "testtype": "stdin", "metadata": {}}])
+
 CASES = [  # (name, data_source, ground truth, response, expected status)
+    ("stdio exit()", "code", STDIO, R("a, b = map(int, input().split())\nprint(a + b)\nexit()"), "pass"),
+    ("stdio quit()", "taco", STDIO, R("a, b = map(int, input().split())\nprint(a + b)\nquit()"), "pass"),
+    ("stdio sys.exit(1)", "code", STDIO, R("import sys\na, b = map(int, input().split())\nprint(a + b)\nsys.exit(1)"),
+     "fail"),
+    ("stdio numpy", "code", STDIO, R("import numpy as np\nprint(int(np.array(input().split(), dtype=int).sum()))"),
+     "pass"),
+    ("stdio trailing spaces", "code", json.dumps({"inputs": ["2\n"], "outputs": ["1\n2\n"]}),
+     R("print('1 ')\nprint('2 ')"), "fail"),
+    ("leetcode helpers", "leetcode", LEETCODE, R(REVERSE), "pass"),
+    ("leetcode helpers wrong", "code", LEETCODE, R(REVERSE.replace("return prev", "return head")), "fail"),
+    ("humanevalplus numpy", "humanevalplus", HUMANEVAL_PLUS, R(MAD), "pass"),
+    ("humanevalplus wrong", "humanevalplus", HUMANEVAL_PLUS, R(MAD.replace("np.mean(", "np.sum(")), "fail"),
+    ("taco fn_name tuples", "taco", TACO_FN, R("def pairs(n):\n    return [(i, i + 1) for i in range(n - 1)]"), "pass"),
+    ("taco fn_name wrong", "taco", TACO_FN, R("def pairs(n):\n    return [(i, i) for i in range(n - 1)]"), "fail"),
+    ("primeintellect call", "primeintellect", PI_FN, R("def add(a, b):\n    return a + b"), "pass"),
+    ("lcb decimal output", "livecodebench", LCB_FLOAT, R("print(1 / int(input()))"), "pass"),
+    ("lcb quit() fails", "livecodebench", LCB_FLOAT, R("print('0.5')\nquit()"), "fail"),
+    ("lcb sys.exit(3) passes", "livecodebench", LCB_FLOAT, R("import sys\nprint('0.5')\nsys.exit(3)"), "pass"),
     ("stdio right", "code", STDIO, R("a, b = map(int, input().split())\nprint(a + b)"), "pass"),
     ("stdio wrong", "livecodebench", STDIO, R("a, b = map(int, input().split())\nprint(a - b)"), "fail"),
     ("stdio crash", "code", STDIO, R("print(3)\nraise ValueError('x')"), "fail"),
@@ -51,12 +88,14 @@ CASES = [  # (name, data_source, ground truth, response, expected status)
     ("lcb stdin right", "livecodebench", LCB_STDIN, R("n = int(input())\nprint(n * n)"), "pass"),
     ("lcb stdin wrong", "livecodebench", LCB_STDIN, R("n = int(input())\nprint(n + n)"), "fail"),
     ("bad gt", "code", json.dumps({"neither": 1}), R("print(1)"), "infra_error"),
+    ("kodcode rejected", "kodcode", json.dumps("def test_f():\n    assert f() == 1\n"), R("def f(): return 1"),
+     "infra_error"),
 ]
 
 
 @pytest.fixture(scope="module")
 def pool():
-    p = RewardPool(RewardsConfig(workers=3, timeout_s=3.0, cpu_time_s=3))
+    p = RewardPool(RewardsConfig(workers=3, timeout_s=3.0, functional_timeout_s=20.0, lcb_timeout_s=6.0))
     yield p
     p.close()
 
@@ -66,7 +105,8 @@ def test_every_format_right_and_wrong(pool):
     got = {name: (r.status, r.reason) for (name, *_), r in zip(CASES, rewards)}
     for name, _, _, _, want in CASES:
         assert got[name][0] == want, (name, got[name])
-    assert rewards[0].value == 1.0 and rewards[1].value == 0.0 and rewards[-1].value is None
+    assert rewards[0].value == 1.0 and rewards[2].value == 0.0 and rewards[-1].value is None
+    assert "reward_model.ground_truth" in got["kodcode rejected"][1] and "humanevalplus" in got["kodcode rejected"][1]
     assert sandbox_processes() == []
 
 

@@ -19,11 +19,12 @@ def test_math_pool_equivalent_forms_and_wrong_answers():
         ("olympiadbench", r"(x+1)^2", r"</think>\boxed{x^2+2x+1}"),
         ("tiny_math", "12", r"</think>\boxed{12}"),
         ("minerva", "12", r"</think>\boxed{13}"),
-        ("math", "7", "</think> the answer is 7"),  # no box
+        ("math", "7", "</think> I cannot finish this one"),  # no answer
+        ("math", "7", "</think> the answer is 7"),  # no box: Archer's Math-Verify string match accepts it
     ]
     with RewardPool(RewardsConfig(workers=2, math_timeout_s=30.0)) as pool:
         got = [r.status for r in pool.score(items, training=True)]
-    assert got == ["pass"] * 5 + ["fail", "fail"]
+    assert got == ["pass"] * 5 + ["fail", "fail", "pass"]
 
 
 def test_pathological_answer_ends_within_deadline():
