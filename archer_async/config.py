@@ -292,7 +292,9 @@ class RewardsConfig(_Section):
 
 class SyncConfig(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Weight-transfer backend: auto is NCCL when learner and actors have GPUs, gloo otherwise."""
+    """Weight-transfer backend. auto: NCCL when learner rank 0 and every actor have GPUs of their own;
+    host memory (gloo) when any of them has no GPU or two of them share one (decided from the GPUs' UUIDs
+    after placement, e.g. single_gpu.yaml). nccl on a shared GPU is a configuration error."""
     bucket_mb: int = 256
     """Weights are gathered and sent in buckets of at most this many MiB."""
     timeout_s: float = 120.0

@@ -182,12 +182,18 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def make_sync(cfg: Config, host: str, store_port: int):
-    """The weight-transfer rendezvous (learner rank 0 + one receiver per actor)."""
+def make_sync(cfg: Config, host: str, store_port: int, devices: dict[str, list[str]]):
+    """The weight-transfer rendezvous (learner rank 0 + one receiver per actor). `devices`: the GPU
+    identities of every transfer-group member (role -> ids, `RoleHost.gpu_ids`); sync.backend auto picks
+    nccl only when each member has its own GPU, host memory (gloo) otherwise
+    (`launch.colocation`); an explicit nccl on a shared GPU is a UserError."""
     from archer_async.weight_sync import make_sync_init
+    from launch.colocation import ColocationError, choose_backend
 
-    backend = cfg.sync.backend
-    if backend == "auto":
-        backend = "nccl" if cfg.learner.gpus_per_rank > 0 and cfg.actors.gpus_per_actor > 0 else "gloo"
-    return make_sync_init(cfg.actors.num_actors, backend=backend, host=host, timeout_s=cfg.sync.timeout_s,
+    try:
+        choice = choose_backend(cfg.sync.backend, devices)
+    except ColocationError as e:
+        raise UserError(str(e)) from None
+    log.info("weight transfer: %s", choice.reason)
+    return make_sync_init(cfg.actors.num_actors, backend=choice.backend, host=host, timeout_s=cfg.sync.timeout_s,
                           store_port=store_port)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from typing import Any, Callable, Optional
 
@@ -89,6 +90,19 @@ class RoleHost:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def gpu_ids(self) -> list[str]:
+        """Identities of the GPUs Ray gave this role ([] for none): UUIDs where `nvidia-smi` names them,
+        else "<node id>/gpu<index>" (`launch.colocation` compares them)."""
+        ids = [str(i) for i in ray.get_gpu_ids()]
+        if not ids:
+            return []
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = ""
+        return device_identities(ids, ray.get_runtime_context().get_node_id(), smi)
+
     def free_port(self) -> int:
         """A TCP port free on this role's node (for rendezvous hosted here)."""
         with socket.socket() as s:
@@ -102,14 +116,37 @@ class RoleHost:
         return os.getpid()
 
 
+def device_identities(ids: list[str], node_id: str, nvidia_smi_csv: str = "") -> list[str]:
+    """Globally unique identities of the GPUs `ids` (Ray's GPU ids on node `node_id`): the UUID that
+    `nvidia-smi --query-gpu=index,uuid --format=csv,noheader` gives for an index, an id that already is
+    a UUID ("GPU-..." / "MIG-...") as it is, else "<node_id>/gpu<id>"."""
+    uuid_of = {}
+    for line in nvidia_smi_csv.splitlines():
+        index, _, uuid = (x.strip() for x in line.partition(","))
+        if index and uuid:
+            uuid_of[index] = uuid
+    return [i if i.startswith(("GPU-", "MIG-")) else uuid_of.get(i, f"{node_id}/gpu{i}") for i in ids]
+
+
+def role_process_env(env: Optional[dict], num_gpus: float) -> dict[str, str]:
+    """The environment a role's process gets: `env`, and no visible GPU for a role that declares none
+    (Ray leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0, so such a role would otherwise see, and
+    create CUDA contexts on, every GPU of its node unaccounted)."""
+    out = dict(env or {})
+    if not num_gpus:
+        out["CUDA_VISIBLE_DEVICES"] = ""
+    return out
+
+
 def place(role: str, run_dir: str, *, num_cpus: float, num_gpus: float = 0.0, node_label: Optional[str] = None,
           env: Optional[dict] = None, max_concurrency: int = 8):
-    """Start an (empty) host for role `role` on a node that has the declared resources."""
+    """Start an (empty) host for role `role` on a node that has the declared resources (a role with
+    num_gpus=0 sees no GPU: CUDA_VISIBLE_DEVICES="")."""
     resources = {node_label: 0.001} if node_label else None
     host_cls = ray.remote(RoleHost)
     return host_cls.options(
         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_concurrency=max_concurrency, max_restarts=0,
-    ).remote(role, run_dir, dict(env or {}))
+    ).remote(role, run_dir, role_process_env(env, num_gpus))
 
 
 def wait(refs, timeout_s: float, what: str, roles: Optional[list[str]] = None, watch: Optional[dict] = None,

@@ -147,7 +147,9 @@ class Run:
         rank0 = self.hosts["learner0"]
         master_addr = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
-        self.sync_init = cluster.make_sync(cfg, master_addr, sync_port)
+        members = ["learner0"] + [f"actor{i}" for i in range(cfg.actors.num_actors)]  # the transfer group
+        gpus = wait([self.hosts[m].gpu_ids.remote() for m in members], deadline, "placement", members)
+        self.sync_init = cluster.make_sync(cfg, master_addr, sync_port, dict(zip(members, gpus)))
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         self.model_path, self.version0 = str(pre.model_path), version0

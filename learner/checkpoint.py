@@ -84,18 +84,37 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path
 
 
-def _rng_state() -> dict:
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the learner computes: the device of the model's first parameter (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This rank's RNG state; the CUDA generator's only where the learner runs on CUDA (`device`): a CPU
+    learner never touches CUDA, not even on a machine that has GPUs."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        if cuda is not None:
+            log.info("checkpoint has a CUDA RNG state; the learner runs on %s: not restored", device)
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: the state of every visible device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            log.warning("checkpoint has no CUDA RNG state for device %s: not restored", device)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _barrier() -> None:
@@ -142,7 +161,7 @@ def save_checkpoint(
     rng_dir.mkdir(exist_ok=True)
     rng_file = rng_dir / f"rank-{rank}.pt"
     with open(rng_file, "wb") as f:
-        torch.save(_rng_state(), f)
+        torch.save(_rng_state(_model_device(model)), f)
         f.flush()
         os.fsync(f.fileno())
     _barrier()
@@ -180,7 +199,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if not rng_file.is_file():
         rng_file = path / "rng" / "rank-0.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=False), _model_device(model))
     learner_state = json.loads((path / STATE_FILE).read_text())
     _barrier()
     return learner_state

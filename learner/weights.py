@@ -96,7 +96,7 @@ def gather_bucket(params: list[torch.Tensor], dtype: torch.dtype, assemble: bool
         local = p.to_local().detach().reshape(-1)
         send[off:off + local.numel()].copy_(local)
     recv = torch.empty(world * per_rank, dtype=dtype, device=send.device)
-    dist.all_gather_single(recv, send, group=group)
+    dist.all_gather_into_tensor(recv, send, group=group)  # torch >= 1.13
     if not assemble:
         return []
     out = []
