@@ -32,12 +32,13 @@ from typing import Any, Callable, Collection, Optional
 
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
-from archer_async.fsio import atomic_write_text
+from archer_async.fsio import atomic_write_text, disk_full
 from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
 
 from launch import cluster
+from launch.runlock import RunLock
 from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
 
 log = logging.getLogger("launch")
@@ -45,15 +46,17 @@ log = logging.getLogger("launch")
 
 def train_main(cfg: Config) -> int:
     """Start a new run in cfg.run_dir (which must not hold a run already)."""
+    lock = RunLock.acquire(cfg.run_dir)  # a live driver of this run: RunLocked, nothing touched
     rd = Path(cfg.run_dir)
     if (rd / "checkpoints").exists() or (rd / "buffer").exists():
+        lock.release(cleanup=True)
         raise UserError(f"run_dir {str(rd)!r} already holds a run: `archer-async resume {rd}` continues it")
-    return Run(cfg, resume=False).execute()
+    return Run(cfg, resume=False).execute(lock)
 
 
 def resume_main(cfg: Config) -> int:
     """Continue the run in cfg.run_dir from checkpoints/latest and its persisted buffer."""
-    return Run(cfg, resume=True).execute()
+    return Run(cfg, resume=True).execute(RunLock.acquire(cfg.run_dir))
 
 
 class Run:
@@ -81,9 +84,20 @@ class Run:
         self.role_died = False
 
     # ------------------------------------------------------------------------------------------
-    def execute(self) -> int:
+    def execute(self, lock: RunLock) -> int:
+        """The run, holding `lock` (the run directory's driver lock) until it ends."""
+        try:
+            return self._execute(lock)
+        finally:
+            lock.release()
+
+    def _execute(self, lock: RunLock) -> int:
         cfg = self.cfg
-        pre = cluster.preflight(cfg, self.resume)          # UserError before anything starts
+        try:
+            pre = cluster.preflight(cfg, self.resume)      # UserError before anything starts
+        except BaseException:
+            lock.release(cleanup=True)
+            raise
         old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
         # cluster (or is interrupted here) leaves no run directory and no Ray process behind.
@@ -93,11 +107,16 @@ class Run:
         except BaseException:
             cluster.stop_ray()
             signal.signal(signal.SIGTERM, old_handler)
+            lock.release(cleanup=True)
             raise
+        # ray.init installs its own SIGTERM handler (sys.exit): SIGTERM must stop the run as Ctrl-C does
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         if not self.resume:
             atomic_write_text(self.run_dir / "config.resolved.yaml", to_yaml(cfg))
         driver_log = setup_role_logging(self.run_dir, "driver", redirect_std=False)
         _console(f"run directory: {self.run_dir}  (driver log: {driver_log})")
+        if lock.stale_note():
+            _console(lock.stale_note())
         write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid(), error=None)
         status, rc, error = "failed", 1, None
         try:
@@ -107,12 +126,16 @@ class Run:
         except KeyboardInterrupt:
             _console("interrupted: stopping every role (the last checkpoint stays valid)")
             status, rc = "stopped", 130
-        except (RoleError, UserError) as e:
-            _console(f"error: {e}")
+        except (RoleError, UserError, OSError) as e:
+            full = disk_full(e)
+            if isinstance(e, OSError) and not full:
+                raise
+            msg = f"{full} (writing the run's files)" if isinstance(e, OSError) else str(e)  # one line, no traceback
+            _console(f"error: {msg}")
             if (self.run_dir / "checkpoints" / "latest").is_file():
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
             self.role_died = isinstance(e, RoleDied)
-            status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), str(e)
+            status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), msg
         finally:
             # a second Ctrl-C / SIGTERM must not cut the shutdown short (that would leave orphans)
             signal.signal(signal.SIGTERM, _ignore_while_stopping)
