@@ -74,3 +74,69 @@ def test_live_run_is_locked_and_sigterm_stops_it_gracefully(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and "ended_at" in status
     assert (run_dir / "driver.lock").read_text() == ""  # released by a clean exit
+
+
+def test_captured_rewind_and_sample_cannot_be_replayed(tmp_path, buffer_server):
+    """A frame captured off the wire (authentic: signed with the run secret) and sent again is dropped
+    and counted: a replayed `rewind` does not re-open consumed groups, a replayed `sample` takes none.
+    Frames captured before a buffer restart are answered "stale_epoch" and not served."""
+    import zmq
+
+    from archer_async import wire
+    from archer_async.buffer_client import BufferClient
+    from tests.helpers.buffer import make_group
+
+    proc = buffer_server({"capacity": 64, "filter_groups": False})
+    with BufferClient.from_run_dir(tmp_path, client_id="actor") as actor:
+        assert [r.status for r in actor.put_many([make_group(i) for i in range(8)])] == ["stored"] * 8
+    learner = BufferClient.from_run_dir(tmp_path, client_id="learner")
+    captured: dict[str, list] = {}
+    pack = learner._signer.pack
+
+    def spy(proto, header, payload=b""):  # what an eavesdropper on the control connection sees
+        frames = pack(proto, header, payload)
+        captured[header.__struct_config__.tag] = [bytes(f) if not isinstance(f, bytes) else f for f in frames]
+        return frames
+
+    learner._signer.pack = spy
+    b1 = learner.sample(2, 0, timeout=10)
+    sample_frames = captured["sample"]
+    b2 = learner.sample(2, 0, timeout=10)
+    learner.rewind(b1.consumed_state)  # the learner restarted from a checkpoint taken after b1
+    rewind_frames = captured["rewind"]
+    again = learner.sample(2, 0, timeout=10)
+    assert again.group_ids == b2.group_ids  # what the rewind re-opened, delivered once more
+
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(wire.read_endpoints(tmp_path)["control"])
+    try:
+        raw.send_multipart(rewind_frames)
+        raw.send_multipart(sample_frames)
+        assert not raw.poll(2000), "a replayed frame was answered"
+        nxt = learner.sample(2, 0, timeout=10)
+        assert not set(nxt.group_ids) & (set(b1.group_ids) | set(b2.group_ids)), nxt.group_ids  # nothing re-opened
+        s = learner.stats()
+        assert s["rejected_replay"] == 2
+        assert s["stored_total"] == 8 and s["ready"] == 8 - 6  # the replayed sample took nothing
+
+        # a restarted buffer (new epoch) does not serve frames captured before
+        proc.terminate()
+        assert proc.wait(10) == 0
+        buffer_server({"capacity": 64, "filter_groups": False}, restore=nxt.consumed_state)
+        raw.close()
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(wire.read_endpoints(tmp_path)["control"])
+        raw.send_multipart(rewind_frames)
+        assert raw.poll(5000)
+        header, _ = learner._signer.unpack(wire.PROTO_REP, raw.recv_multipart())
+        assert header["status"] == "stale_epoch"
+        last = learner.sample(2, 0, timeout=30)  # the real client follows the restart
+        assert not set(last.group_ids) & set(b1.group_ids + b2.group_ids + nxt.group_ids)
+        assert learner.stats()["rejected_stale_epoch"] >= 1
+    finally:
+        raw.close()
+        ctx.term()
+        learner.close()
