@@ -167,10 +167,12 @@ class Run:
                                             env=env)
         self.actors = [RoleHandle(self.hosts[f"actor{i}"], ACTOR) for i in range(cfg.actors.num_actors)]
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
+        # Both stores listen on this address only (sync.host; by default loopback on a local cluster).
         rank0 = self.hosts["learner0"]
-        master_addr = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        node_ip = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        master_addr = cfg.sync.host or (node_ip if cfg.launch.ray_address else "127.0.0.1")
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
-        self.sync_init = cluster.make_sync(cfg, master_addr, sync_port)
+        self.sync_init = cluster.make_sync(cfg, master_addr, cfg.sync.store_port or sync_port)
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         self.model_path, self.version0 = str(pre.model_path), version0
