@@ -1,5 +1,6 @@
 """`archer-async train` and `archer-async resume`: one run, top to bottom.
 
+    run lock         RUN_DIR/driver.lock held for the whole run: a second driver exits 2 naming this one
     preflight        model directory, data files, resources: clear errors before anything starts
     Ray              a local cluster (or launch.ray_address) that must fit the roles' declared resources
     run directory    config.resolved.yaml, logs/<role>.log, status.json
