@@ -20,6 +20,7 @@ One client may be shared by threads (an internal lock serialises calls); one per
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket as _socket
 import threading
@@ -117,8 +118,10 @@ class BufferClient:
         self._done: dict[int, PutResult] = {}
         self._failed: dict[int, str] = {}
         self._last_reply = {"ingest": time.monotonic(), "control": time.monotonic()}
-        self._epoch: Optional[str] = None
+        self._epoch: Optional[str] = self.endpoints.get("epoch") or None
         self._epoch_changed = False
+        self._session = uuid.uuid4().hex  # freshness: one session per socket kind, numbered messages
+        self._seq = {"ingest": itertools.count(1), "control": itertools.count(1)}
         self._held = 0
         self._consumed_state: Optional[dict] = None
 
@@ -156,7 +159,9 @@ class BufferClient:
         self._rid += 1
         return self._rid
 
-    def _send(self, kind: str, header: dict, payload: bytes = b"") -> None:
+    def _send(self, kind: str, header: wire.Request, payload: bytes = b"") -> None:
+        header.sid, header.seq = f"{self._session}.{kind}", next(self._seq[kind])
+        header.epoch = self._epoch or ""
         frames = self._signer.pack(wire.PROTO_REQ, header, payload)
         self._sock(kind).send_multipart(frames, copy=False)
 
@@ -246,6 +251,8 @@ class BufferClient:
             self._done[rid] = PutResult(p.group_id, status)
         elif status == "full":
             p.retry_at = time.monotonic() + header.get("retry_ms", _RETRY_MS) / 1000
+        elif status == "stale_epoch":  # sent to a buffer that has since restarted: send it again
+            p.retry_at = time.monotonic()
         elif status == "error":
             del self._unacked[rid]
             self._failed[rid] = str(header.get("error", "rejected"))
@@ -345,6 +352,10 @@ class BufferClient:
                 if got is None or got[0].get("rid") != rid:
                     continue
                 reply, payload = got
+                if reply.get("status") == "stale_epoch":  # the buffer restarted: now we know its epoch
+                    self._send("control", header)
+                    resend_at = time.monotonic() + self.ack_timeout_s + extra_wait_s
+                    continue
                 if reply.get("status") == "error":
                     raise BufferRejected(f"buffer refused {req.__struct_config__.tag!r}: {reply.get('error')}")
                 reply["_payload"] = payload

@@ -299,10 +299,13 @@ class SyncConfig(_Section):
     """Weights are gathered and sent in buckets of at most this many MiB."""
     timeout_s: float = 120.0
     """Deadline of one weight update; past it the update is aborted and actors keep the old version."""
-    host: str = "127.0.0.1"
-    """Address of learner rank 0's transfer rendezvous (TCPStore); must be reachable from every actor node."""
+    host: str = ""
+    """Address learner rank 0's rendezvous stores listen on, and only there (the weight transfer's and
+    the learner process group's torch TCPStores; they are not authenticated, keep them off untrusted
+    networks); must be reachable from every learner and actor node. Empty: 127.0.0.1 when the run
+    starts its own local Ray cluster, else learner rank 0's node IP."""
     store_port: int = 0
-    """TCPStore port of the transfer group; 0 picks a free one at launch."""
+    """TCPStore port of the transfer group on learner rank 0's node; 0 picks a free one at launch."""
     staged: bool = True
     """Receive a whole update before loading it (a failed transfer leaves the old weights serving;
     costs one extra copy of the weights on the actor). False loads bucket by bucket."""

@@ -11,6 +11,7 @@ durability schemes.)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -54,3 +55,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> None:
     """`atomic_write_bytes` of `json.dumps(obj, **dumps_kwargs)`."""
     atomic_write_bytes(path, json.dumps(obj, **dumps_kwargs).encode("utf-8"))
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException, _seen: int = 0) -> str:
+    """"No space left on device: PATH" (or "Disk quota exceeded: PATH") when `exc` is, wraps or was
+    caused by a full disk, else "". Looks through causes, contexts, exception groups and
+    torch.distributed.checkpoint's per-rank failures (CheckpointException.failures)."""
+    if exc is None or _seen > 20:
+        return ""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        where = exc.filename or ""
+        return f"{os.strerror(exc.errno)}{': ' + str(where) if where else ''}"
+    inner = list(getattr(exc, "exceptions", None) or [])
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        inner += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    inner += [exc.__cause__, exc.__context__]
+    for e in inner:
+        if isinstance(e, BaseException):
+            found = disk_full(e, _seen + 1)
+            if found:
+                return found
+    text = str(exc)
+    for code in _FULL:
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return ""
+
+
+def overwrite_in_place(path: str | Path, data: bytes) -> None:
+    """Last resort for a small file on a full disk: write `data` over `path`'s existing bytes and
+    cut it to length (its blocks are already allocated; not atomic: a crash mid-write can tear it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

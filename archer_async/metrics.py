@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from archer_async.config import UserError
-from archer_async.fsio import atomic_write_json, atomic_write_text
+from archer_async.fsio import atomic_write_json, atomic_write_text, disk_full, overwrite_in_place
 
 METRIC_NAMES: tuple[str, ...] = (
     "step", "version", "reward/mean", "actor/tokens_per_s", "learner/tokens_per_s", "buffer/size",
@@ -323,7 +323,13 @@ def write_run_status(run_dir: str | Path, state: str, **extra: Any) -> dict:
     if state != "running":
         status["ended_at"] = now
     status.update(_clean(extra))
-    atomic_write_json(rd / STATUS_FILE, status)
+    try:
+        atomic_write_json(rd / STATUS_FILE, status)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        # a full disk has no room for the temporary copy: rewrite the file's own blocks instead
+        overwrite_in_place(rd / STATUS_FILE, json.dumps(status).encode())
     return status
 
 

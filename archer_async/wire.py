@@ -10,6 +10,11 @@ Every ZMQ message between a buffer client and the buffer server is four frames:
   ``client``, the op's arguments), a reply a map with ``rid``, ``status`` and the op's results.
 - payload: raw bytes (an encoded TrajectoryGroup for ``put``; a msgpack array of groups for a sample
   reply; empty otherwise).
+- freshness: every request header carries its socket's session id, a per-session message number
+  and the server epoch it addresses (all inside the MAC). The server serves each (session, number)
+  once and only its own epoch, so a captured frame replayed (a ``rewind`` re-opening consumed groups,
+  a ``sample`` taking groups the learner never receives) is dropped and counted (``rejected_replay``,
+  ``rejected_stale_epoch`` in the stats).
 - mac: nonce || tag, 12 + 16 bytes. tag: the AES-256-GCM tag of plaintext proto || u32 len(header)
   || header with associated data payload, under a key derived from the run secret and a fresh random
   96-bit nonce per message. The receiver recomputes the tag (GCM is deterministic given the nonce)
@@ -111,6 +116,14 @@ class Request(msgspec.Struct, kw_only=True, tag_field="op"):
     """Request id, echoed by the reply (a producer's acknowledgements name it)."""
     client: str = ""
     """The sender's client id (one admission account and one delivery history per client)."""
+    sid: str = ""
+    """Freshness: the sending socket's session id (random, one per client socket)."""
+    seq: int = 0
+    """Freshness: the message's number in its session (1, 2, ...; a re-sent request gets a new one).
+    The server takes each (sid, seq) once (`ReplayWindow`): a captured frame cannot be replayed."""
+    epoch: str = ""
+    """Freshness: the server epoch the message is meant for (endpoints.json, every reply). Another
+    epoch is answered "stale_epoch" and not served, so frames captured before a restart are dead."""
 
 
 class Put(Request, kw_only=True, tag=Op.PUT.value):
@@ -176,6 +189,34 @@ def parse_request(header: dict) -> AnyRequest:
         return msgspec.convert(header, AnyRequest)
     except msgspec.ValidationError as e:
         raise FrameError(f"bad {header.get('op', 'request')!r} request: {e}") from None
+
+
+class ReplayWindow:
+    """The server's record of which (session, number) it has taken (IPsec's anti-replay window per
+    session): a number is fresh when it is above the session's highest, or within the last WINDOW
+    numbers and not seen yet. Tolerates reordering inside one session (threads, a reconnect)."""
+
+    WINDOW = 4096
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, tuple[int, int]] = {}  # sid -> (highest seq, bitmap of the window)
+
+    def fresh(self, sid: str, seq: int) -> bool:
+        """True (and recorded) the first time (sid, seq) is offered; False for a replay, an empty
+        session id or a number that fell out of the window."""
+        if not sid or seq < 1:
+            return False
+        hi, seen = self._sessions.get(sid, (0, 0))
+        if seq > hi:
+            seen = ((seen << (seq - hi)) | 1) & ((1 << self.WINDOW) - 1)
+            hi = seq
+        else:
+            back = hi - seq
+            if back >= self.WINDOW or (seen >> back) & 1:
+                return False
+            seen |= 1 << back
+        self._sessions[sid] = (hi, seen)
+        return True
 
 
 # ---------------------------------------------------------------------------------------------

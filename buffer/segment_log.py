@@ -23,7 +23,11 @@ appended in immediate mode, e.g. before a restart) is written buffered.
 
 On open, ``replay`` scans every segment; in the active one it truncates a torn or garbage tail to
 the last valid record (Kafka's recovery) and reports it in ``tail``. A bad record inside a sealed
-segment is not a torn write but corruption: LogCorruptError, loudly.
+segment is not a torn write but corruption: LogCorruptError, loudly. So is damage inside the active
+segment (`corruption_at`: a bad check with valid records after it, a length field with a flipped bit):
+nothing is cut, the file is kept as it is for ``buffer inspect`` and a human. Limit: a bad check in
+the very last record of the active segment looks exactly like a torn write of it and is cut (one
+record at most, reported in ``tail`` and RUN_DIR/buffer/recovery.json).
 """
 
 from __future__ import annotations
@@ -165,6 +169,35 @@ def scan_buffer(data: memoryview) -> tuple[list[tuple[int, memoryview, int, int]
     return out, pos, reason
 
 
+def corruption_at(data: memoryview, pos: int, reason: str) -> str:
+    """Why the invalid record at `pos` of an active segment is corruption rather than a torn tail
+    ("" when it may be a torn tail, the only thing a repair may cut).
+
+    A crash mid-write leaves a prefix of what was being written: an incomplete final record,
+    possibly followed by bytes that are not a record (zeros or garbage). Damage to bytes already
+    written looks different: a complete record with a bad check followed by valid records, or a
+    length field with one flipped bit (the record with the length restored checks out).
+    """
+    n = len(data)
+    if n - pos < HEADER.size + 1:
+        return ""
+    length, crc = HEADER.unpack_from(data, pos)
+    if reason == "checksum mismatch":
+        end = pos + HEADER.size + length
+        after, _, _ = scan_buffer(data[end:])
+        if after:
+            return (f"checksum mismatch in a complete record of {length} bytes followed by "
+                    f"{len(after)} valid record(s)")
+    for bit in range(32):  # one flipped bit in the length field
+        fixed = length ^ (1 << bit)
+        end = pos + HEADER.size + fixed
+        if 1 <= fixed <= MAX_RECORD_BYTES and end <= n:
+            body = data[pos + HEADER.size:end]
+            if record_check(body) == crc or zlib.crc32(body) == crc:
+                return f"length field {length} damaged, the record's check matches length {fixed}"
+    return ""
+
+
 def _frames(records: list) -> Iterator:
     """The bytes of queued records in file order: each record's header (framed at append in deferred
     mode, else now), then its body parts."""
@@ -277,6 +310,12 @@ class SegmentLog:
                 if not (last and path.suffix == ".open"):
                     raise LogCorruptError(f"{path}: invalid record at byte {valid} ({reason}); "
                                           "sealed segments are never torn, the log is corrupt")
+                damage = corruption_at(data, valid, reason)
+                if damage:
+                    raise LogCorruptError(
+                        f"{path}: corrupt record at byte {valid} ({damage}); this is not a torn tail, "
+                        "nothing was cut (see `archer-async buffer inspect` and the README, "
+                        "'Buffer log corruption')")
                 self.tail = TailReport(str(path), valid, len(data), reason)
             for rtype, body, off, size in records:
                 if rtype != REC_PAD:

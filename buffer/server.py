@@ -97,7 +97,9 @@ class BufferServer:
         self.store = BufferStore(self.dir / "log", self.cfg, batch_groups, restore_state)
         self._record_recovery()
         self.epoch = os.urandom(8).hex()
-        self.counters = {"rejected_auth": 0, "rejected_malformed": 0}
+        self.counters = {"rejected_auth": 0, "rejected_malformed": 0, "rejected_replay": 0,
+                         "rejected_stale_epoch": 0}
+        self._fresh = wire.ReplayWindow()
         self._waiting: dict[str, _Waiting] = {}
         self._stop = threading.Event()
         self._pool = (ThreadPoolExecutor(_MAX_COMMITS, thread_name_prefix="buffer-fsync")
@@ -192,7 +194,19 @@ class BufferServer:
         header: dict = {}
         try:
             header, payload = self.signer.unpack(wire.PROTO_REQ, frames[1:])
-            return ident, wire.parse_request(header), payload
+            req = wire.parse_request(header)
+            if req.epoch != self.epoch:  # meant for an earlier (or no) epoch: not served, told ours
+                self.counters["rejected_stale_epoch"] += 1
+                if sock is self.ingest:
+                    reply = {"rid": -1, "status": "acks", "acks": [[req.rid, "stale_epoch", ""]]}
+                else:
+                    reply = {"rid": req.rid, "status": "stale_epoch"}
+                self._reply(sock, ident, reply)
+                return None
+            if not self._fresh.fresh(req.sid, req.seq):  # a replayed frame: dropped without an answer
+                self.counters["rejected_replay"] += 1
+                return None
+            return ident, req, payload
         except wire.AuthError:
             self.counters["rejected_auth"] += 1
             sock.send_multipart([ident, wire.PROTO_REP, wire.UNAUTHENTICATED_REPLY_HEADER, b"", bytes(wire.MAC_BYTES)])

@@ -138,6 +138,9 @@ def start_ray(cfg: Config, pre: Preflight) -> None:
     import ray
 
     need = required_resources(cfg)
+    # The first failure of a collective call is reported in one line; the same error from the other
+    # ranks would otherwise print each whole remote traceback at exit (they are in logs/<role>.log).
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if cfg.launch.ray_address:
         _probe_gcs(cfg.launch.ray_address)

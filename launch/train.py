@@ -1,5 +1,6 @@
 """`archer-async train` and `archer-async resume`: one run, top to bottom.
 
+    run lock         RUN_DIR/driver.lock held for the whole run: a second driver exits 2 naming this one
     preflight        model directory, data files, resources: clear errors before anything starts
     Ray              a local cluster (or launch.ray_address) that must fit the roles' declared resources
     run directory    config.resolved.yaml, logs/<role>.log, status.json
@@ -32,12 +33,13 @@ from typing import Any, Callable, Collection, Optional
 
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
-from archer_async.fsio import atomic_write_text
+from archer_async.fsio import atomic_write_text, disk_full
 from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
 
 from launch import cluster
+from launch.runlock import RunLock
 from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
 
 log = logging.getLogger("launch")
@@ -45,15 +47,17 @@ log = logging.getLogger("launch")
 
 def train_main(cfg: Config) -> int:
     """Start a new run in cfg.run_dir (which must not hold a run already)."""
+    lock = RunLock.acquire(cfg.run_dir)  # a live driver of this run: RunLocked, nothing touched
     rd = Path(cfg.run_dir)
     if (rd / "checkpoints").exists() or (rd / "buffer").exists():
+        lock.release(cleanup=True)
         raise UserError(f"run_dir {str(rd)!r} already holds a run: `archer-async resume {rd}` continues it")
-    return Run(cfg, resume=False).execute()
+    return Run(cfg, resume=False).execute(lock)
 
 
 def resume_main(cfg: Config) -> int:
     """Continue the run in cfg.run_dir from checkpoints/latest and its persisted buffer."""
-    return Run(cfg, resume=True).execute()
+    return Run(cfg, resume=True).execute(RunLock.acquire(cfg.run_dir))
 
 
 class Run:
@@ -81,9 +85,20 @@ class Run:
         self.role_died = False
 
     # ------------------------------------------------------------------------------------------
-    def execute(self) -> int:
+    def execute(self, lock: RunLock) -> int:
+        """The run, holding `lock` (the run directory's driver lock) until it ends."""
+        try:
+            return self._execute(lock)
+        finally:
+            lock.release()
+
+    def _execute(self, lock: RunLock) -> int:
         cfg = self.cfg
-        pre = cluster.preflight(cfg, self.resume)          # UserError before anything starts
+        try:
+            pre = cluster.preflight(cfg, self.resume)      # UserError before anything starts
+        except BaseException:
+            lock.release(cleanup=True)
+            raise
         old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
         # cluster (or is interrupted here) leaves no run directory and no Ray process behind.
@@ -93,11 +108,16 @@ class Run:
         except BaseException:
             cluster.stop_ray()
             signal.signal(signal.SIGTERM, old_handler)
+            lock.release(cleanup=True)
             raise
+        # ray.init installs its own SIGTERM handler (sys.exit): SIGTERM must stop the run as Ctrl-C does
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         if not self.resume:
             atomic_write_text(self.run_dir / "config.resolved.yaml", to_yaml(cfg))
         driver_log = setup_role_logging(self.run_dir, "driver", redirect_std=False)
         _console(f"run directory: {self.run_dir}  (driver log: {driver_log})")
+        if lock.stale_note():
+            _console(lock.stale_note())
         write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid(), error=None)
         status, rc, error = "failed", 1, None
         try:
@@ -107,12 +127,16 @@ class Run:
         except KeyboardInterrupt:
             _console("interrupted: stopping every role (the last checkpoint stays valid)")
             status, rc = "stopped", 130
-        except (RoleError, UserError) as e:
-            _console(f"error: {e}")
+        except (RoleError, UserError, OSError) as e:
+            full = disk_full(e)
+            if isinstance(e, OSError) and not full:
+                raise
+            msg = f"{full} (writing the run's files)" if isinstance(e, OSError) else str(e)  # one line, no traceback
+            _console(f"error: {msg}")
             if (self.run_dir / "checkpoints" / "latest").is_file():
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
             self.role_died = isinstance(e, RoleDied)
-            status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), str(e)
+            status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), msg
         finally:
             # a second Ctrl-C / SIGTERM must not cut the shutdown short (that would leave orphans)
             signal.signal(signal.SIGTERM, _ignore_while_stopping)
@@ -144,12 +168,15 @@ class Run:
                                             env=env)
         self.actors = [RoleHandle(self.hosts[f"actor{i}"], ACTOR) for i in range(cfg.actors.num_actors)]
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
+        # Both stores listen on this address only (sync.host; by default loopback on a local cluster).
         rank0 = self.hosts["learner0"]
-        master_addr = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        node_ip = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        master_addr = cfg.sync.host or (node_ip if cfg.launch.ray_address else "127.0.0.1")
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
         members = ["learner0"] + [f"actor{i}" for i in range(cfg.actors.num_actors)]  # the transfer group
         gpus = wait([self.hosts[m].gpu_ids.remote() for m in members], deadline, "placement", members)
-        self.sync_init = cluster.make_sync(cfg, master_addr, sync_port, dict(zip(members, gpus)))
+        self.sync_init = cluster.make_sync(cfg, master_addr, cfg.sync.store_port or sync_port,
+                                           dict(zip(members, gpus)))
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         self.model_path, self.version0 = str(pre.model_path), version0

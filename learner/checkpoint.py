@@ -32,13 +32,17 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from archer_async.config import UserError
-from archer_async.fsio import atomic_write_bytes, fsync_dir
+from archer_async.fsio import atomic_write_bytes, disk_full, fsync_dir
 
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
 LATEST = "latest"
 STATE_FILE = "learner_state.json"
+
+
+class DiskFullError(UserError):
+    """A checkpoint could not be written for lack of space; the previous checkpoint stays latest."""
 
 
 class CorruptCheckpointError(UserError):
@@ -134,8 +138,27 @@ def save_checkpoint(
     """Save a complete checkpoint into a fresh `root/step-N/` and make it `latest`; collective over all ranks.
 
     `learner_state` must be JSON-able (step, version, schedule, the caller's extra_state).
-    Returns the checkpoint directory.
+    Returns the checkpoint directory. A full disk raises DiskFullError (one line: the cause, the
+    path, the checkpoint that stays latest) instead of DCP's per-rank exception.
     """
+    try:
+        return _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        full = disk_full(e)
+        if not full:
+            raise
+        try:
+            kept = latest_checkpoint(Path(root))
+        except CorruptCheckpointError:
+            kept = None
+        raise DiskFullError(f"{full} (saving checkpoint {step_dir(Path(root), step)}); "
+                            + (f"the last checkpoint {kept} is intact" if kept else "no earlier checkpoint")
+                            + ": free space, then `archer-async resume` the run") from None
+
+
+def _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size) -> Path:
     root = Path(root)
     path = step_dir(root, step)
     current = None

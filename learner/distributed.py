@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from archer_async.weight_sync.protocol import tcp_store
+
 
 def pick_device(gpus_per_rank: float) -> torch.device:
     """cuda:<current> when this rank asked for a GPU and one is visible, else cpu."""
@@ -31,13 +33,11 @@ def init_process_group(
     """Join (or reuse) the learner's default process group and return a 1-D device mesh over it."""
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{master_addr}:{int(master_port)}",
-            rank=rank,
-            world_size=world_size,
-            timeout=_dt.timedelta(seconds=timeout_s),
-        )
+        timeout = _dt.timedelta(seconds=timeout_s)
+        # rank 0's rendezvous store listens on master_addr only (a tcp:// init_method binds every interface)
+        store = tcp_store(master_addr, int(master_port), rank == 0, timeout, world_size=world_size,
+                          wait_for_workers=False)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     assert dist.get_rank() == rank and dist.get_world_size() == world_size, "process group does not match rank/world"
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))
 

@@ -131,6 +131,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def tcp_store(host: str, port: int, is_master: bool, timeout: datetime.timedelta,
+              world_size: Optional[int] = None, wait_for_workers: bool = False) -> dist.TCPStore:
+    """A torch TCPStore at host:port. The master listens on `host` only: torch's own listener binds
+    every interface (`*`), which would expose the unauthenticated store to every network the node
+    is on; so the master binds its listening socket itself and hands it over (master_listen_fd)."""
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout, wait_for_workers=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, True, timeout=timeout,
+                              wait_for_workers=wait_for_workers, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the listening descriptor now
+    return store
+
+
 def receiver_rank(actor_index: int, workers_per_actor: int = 1) -> int:
     """Transfer-group rank of actor `actor_index`'s first inference worker."""
     return 1 + actor_index * workers_per_actor
@@ -161,7 +183,7 @@ def sync_init_from_config(cfg, host: Optional[str] = None) -> SyncInit:
     backend = cfg.sync.backend
     if backend == "auto":
         backend = "nccl" if cfg.learner.gpus_per_rank > 0 and cfg.actors.gpus_per_actor > 0 else "gloo"
-    return make_sync_init(cfg.actors.num_actors, backend=backend, host=host or cfg.sync.host,
+    return make_sync_init(cfg.actors.num_actors, backend=backend, host=host or cfg.sync.host or "127.0.0.1",
                           timeout_s=cfg.sync.timeout_s, store_port=cfg.sync.store_port)
 
 
@@ -175,10 +197,8 @@ class Control:
 
     def __init__(self, init: SyncInit, is_master: bool, timeout_s: float):
         self.timeout = datetime.timedelta(seconds=max(1.0, timeout_s))
-        self.store = dist.TCPStore(
-            init.host, init.store_port, is_master=is_master,
-            timeout=datetime.timedelta(seconds=max(1.0, timeout_s)), wait_for_workers=False,
-        )
+        self.store = tcp_store(init.host, init.store_port, is_master,
+                               datetime.timedelta(seconds=max(1.0, timeout_s)))
 
     def set(self, key: str, value: Any) -> None:
         self.store.set(self.PREFIX + key, json.dumps(value))

@@ -70,12 +70,14 @@ def test_unauthenticated_and_malformed_are_rejected(tmp_path, buffer_server):
     signer = wire.Signer(wire.load_secret(tmp_path))
     raw.send_multipart([b"garbage"])
     raw.send_multipart([b"a", b"b", b"c", b"d", b"e"])
-    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 1}, b"\xc1not msgpack"))
-    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": "x"}, b""))
+    fresh = {"epoch": ep["epoch"], "sid": "raw"}  # authentic and fresh, but malformed
+    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 1, "seq": 1, **fresh}, b"\xc1not msgpack"))
+    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": "x", "seq": 2, **fresh}, b""))
     lying = GroupHeader.of(make_group(11))  # authentic, but the header does not describe the payload
-    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 3, "meta": lying},
+    raw.send_multipart(signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 3, "meta": lying, "seq": 3, **fresh},
                                    msgspec.msgpack.encode(make_group(12))))
-    forged = signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 2}, msgspec.msgpack.encode(make_group(9)))
+    forged = signer.pack(wire.PROTO_REQ, {"op": "put", "rid": 2, "seq": 4, **fresh},
+                         msgspec.msgpack.encode(make_group(9)))
     forged[2] = msgspec.msgpack.encode(make_group(10))  # payload swapped after signing
     raw.send_multipart(forged)
     assert raw.poll(5000)

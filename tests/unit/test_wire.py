@@ -68,3 +68,14 @@ def test_authentic_frame_with_garbage_header_is_a_frame_error():
     with pytest.raises(wire.FrameError) as e:
         s.unpack(wire.PROTO_REQ, [wire.PROTO_REQ, hb, b"", mac])
     assert not isinstance(e.value, wire.AuthError)
+
+
+def test_replay_window_takes_each_message_once():
+    w = wire.ReplayWindow()
+    assert w.fresh("s", 1) and w.fresh("s", 2) and not w.fresh("s", 2) and not w.fresh("s", 1)
+    assert w.fresh("s", 10) and w.fresh("s", 5)  # late but within the window, once
+    assert not w.fresh("s", 5)
+    assert w.fresh("s", 10 + wire.ReplayWindow.WINDOW)
+    assert not w.fresh("s", 10)  # out of the window: refused, never served twice
+    assert w.fresh("t", 1)  # sessions are independent
+    assert not w.fresh("", 1) and not w.fresh("u", 0)  # no freshness: refused
