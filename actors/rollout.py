@@ -9,7 +9,9 @@
 Usable from a plain process or a Ray actor (all public methods are blocking and thread-safe; the
 work runs on the actor's own asyncio loop in a background thread).
 
-Flow of one prompt: admission (`BufferClient.reserve(1)`; zero granted -> wait, never over-generate)
+Flow of one prompt: admission (`BufferClient.reserve(free slots, wait_s=actors.admission_wait_s)`: the
+buffer holds a refused request and answers when slots free, shared among the actors by fewest in
+flight; zero granted -> ask again, never over-generate)
 -> the next prompt of this actor's shard (`PromptStream`, rank = actor index) -> n independent
 requests (one per sample, so abort-mode re-submission and timing are per sample) -> the reward pool
 -> one `TrajectoryGroup` -> `BufferClient.put`, which keeps the group and re-sends it until the
@@ -118,6 +120,10 @@ class RolloutActor(ActorRole):
         self.groups_sent = 0
         self.prompts_skipped = 0
         self.wait_for_weights_s = 0.0
+        self.idle_s = 0.0                        # waiting for admission with no prompt in flight
+        self.samples_generated = 0               # samples of the groups the buffer acknowledged
+        self._admit_wake = threading.Event()
+        self._idle_t0: Optional[float] = None    # start of the current idle wait, if any
         self.updates: list[dict] = []
         self._recent: deque[tuple[float, int]] = deque()
         self._requests: dict[str, int] = {}      # request id -> version at submission
@@ -249,13 +255,19 @@ class RolloutActor(ActorRole):
         return {
             "actor_id": self.actor_id, "version": self.version, "backend": self.cfg.actors.backend,
             "actor/tokens_per_s": sum(n for _, n in window) / span,
-            "actor/wait_for_weights_s": self.wait_for_weights_s,
+            "actor/wait_for_weights_s": self.wait_for_weights_s,  # total since start (the driver takes deltas)
+            "idle_s": self.idle_total(), "samples_generated": self.samples_generated,
             "actor/in_flight": len(self._requests), "actor/versions": versions,
             "in_flight_prompts": len(self._inflight), "tokens_generated": self.tokens_generated,
             "groups_sent": self.groups_sent, "prompts_skipped": self.prompts_skipped,
             "updates": len(self.updates), "error": None if self.error is None else repr(self.error),
             "engine_dead": bool(getattr(self.engine, "dead", False)),
         }
+
+    def idle_total(self) -> float:
+        """Seconds spent with no prompt in flight waiting for admission, the current wait included."""
+        t0 = self._idle_t0
+        return self.idle_s + (time.monotonic() - t0 if t0 is not None else 0.0)
 
     def data_state(self) -> dict:
         """Resumable data cursor: the prompt stream's position and the prompts taken but not yet
@@ -276,6 +288,7 @@ class RolloutActor(ActorRole):
         if self._stopping:
             return
         self._stopping = True
+        self._admit_wake.set()
         if self._main is not None:
             try:
                 self._call(self._drain(timeout_s), timeout_s + 10)
@@ -319,23 +332,31 @@ class RolloutActor(ActorRole):
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 t0 = time.monotonic()
+                idle = not tasks  # nothing in flight: the actor is idle while it waits for admission
+                self._idle_t0 = t0 if idle else None
+                want = a.max_inflight_prompts - len(tasks)
+                self._admit_wake.clear()  # set by a finished rollout (its put must not wait) and by stop()
                 try:
-                    granted = await self._buf(lambda: client.reserve(1))
+                    granted = await self._buf(lambda: client.reserve(
+                        want, timeout=a.admission_wait_s + 30.0, wait_s=a.admission_wait_s, cancel=self._admit_wake))
                 except Exception as e:  # buffer unreachable or restarting: wait, never generate unadmitted
                     log.warning("%s: admission request failed (%s: %s); retrying", self.actor_id, type(e).__name__, e)
                     granted = 0
-                if not granted:
                     await asyncio.sleep(a.admission_poll_s)
-                    if not tasks:  # nothing to do but wait for the learner to advance
-                        self.wait_for_weights_s += time.monotonic() - t0
+                self._idle_t0 = None
+                if idle:  # nothing to do but wait for the learner to advance
+                    self.idle_s += time.monotonic() - t0
+                    self.wait_for_weights_s += time.monotonic() - t0
+                if not granted:
                     continue
-                item = self._next_prompt()
-                if item is None:
-                    await self._buf(lambda: client.release(1))
-                    continue
-                task = asyncio.create_task(self._rollout(*item))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                for _ in range(granted):
+                    item = self._next_prompt()
+                    if item is None:
+                        await self._buf(lambda: client.release(1))
+                        continue
+                    task = asyncio.create_task(self._rollout(*item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
         finally:
             reporter.cancel()
 
@@ -366,9 +387,11 @@ class RolloutActor(ActorRole):
                          for sid, c, r, t in zip(ids, comps, rewards, texts)],
                 created_at=time.time())
             client = self._buffer_client()
+            self._admit_wake.set()  # a held admission request gives way to this put
             res = await self._buf(lambda: client.put(group, timeout=None))  # re-sent until acknowledged
             self._record_ack(group.group_id, getattr(res, "status", ""))
             self.groups_sent += 1
+            self.samples_generated += len(group.samples)
             self.acked_group_ids.append(group.group_id)
             with self._data_lock:
                 self._inflight.pop(gseq, None)
@@ -416,16 +439,19 @@ class RolloutActor(ActorRole):
         from archer_async.metrics import ActorMetricsWriter
 
         writer = ActorMetricsWriter(self.run_dir, self.actor_id)
-        last_wait = self.wait_for_weights_s
+        last_wait, last_idle, last_t = self.wait_for_weights_s, self.idle_total(), time.monotonic()
         while True:
             await asyncio.sleep(_REPORT_EVERY_S)
             s = self.stats()
+            now, idle = time.monotonic(), s["idle_s"]
             try:
                 writer.log(tokens_per_s=s["actor/tokens_per_s"], wait_for_weights_s=self.wait_for_weights_s - last_wait,
-                           in_flight=s["actor/in_flight"], versions=s["actor/versions"], version=self.version)
+                           in_flight=s["actor/in_flight"], versions=s["actor/versions"], version=self.version,
+                           idle_frac=min(1.0, max(0.0, (idle - last_idle) / max(1e-6, now - last_t))),
+                           samples_generated_total=s["samples_generated"])
             except Exception as e:  # metrics must never stop generation
                 log.warning("%s: actor metrics: %s", self.actor_id, e)
-            last_wait = self.wait_for_weights_s
+            last_wait, last_idle, last_t = self.wait_for_weights_s, idle, now
 
     async def _drain(self, timeout_s: float) -> None:
         """Cancel generation in flight (those prompts stay pending) and return unused reservations."""

@@ -329,9 +329,10 @@ class BufferClient:
             return self.flush(timeout)
 
     # ------------------------------------------------------------------ control
-    def _call(self, req: wire.Request, timeout: Optional[float] = None, extra_wait_s: float = 0.0) -> dict:
+    def _call(self, req: wire.Request, timeout: Optional[float] = None, extra_wait_s: float = 0.0,
+              cancel: Optional[threading.Event] = None) -> Optional[dict]:
         """Request/reply on the control socket (`req`'s rid and client are filled in here), re-sent
-        over a fresh socket if unanswered."""
+        over a fresh socket if unanswered. None when `cancel` is set before the reply came."""
         with self._lock:
             rid = req.rid = self._next_rid()
             req.client = self.client_id
@@ -347,8 +348,10 @@ class BufferClient:
                     self._reconnect("control")
                     self._send("control", header)
                     resend_at = now + self.ack_timeout_s + extra_wait_s
+                if cancel is not None and cancel.is_set():
+                    return None
                 limit = resend_at if deadline is None else min(resend_at, deadline)
-                got = self._recv("control", max(0.0, min(limit - now, 0.5)))
+                got = self._recv("control", max(0.0, min(limit - now, 0.5 if cancel is None else 0.02)))
                 if got is None or got[0].get("rid") != rid:
                     continue
                 reply, payload = got
@@ -382,11 +385,20 @@ class BufferClient:
         r.pop("_payload", None)
         return r
 
-    def reserve(self, n: int = 1, timeout: Optional[float] = 30.0) -> int:
+    def reserve(self, n: int = 1, timeout: Optional[float] = 30.0, wait_s: float = 0.0,
+                cancel: Optional[threading.Event] = None) -> int:
         """Ask to start up to n prompts; returns how many were granted (0: wait and ask again).
-        Each granted reservation is consumed by the next put (or returned with release)."""
+        Each granted reservation is consumed by the next put (or returned with release).
+
+        wait_s > 0: the buffer holds the request while no slot is free and answers as soon as slots
+        free (shared fairly among the clients asking) or with 0 after wait_s. `cancel` set: stop
+        waiting and return 0 at once; a grant the buffer makes meanwhile is taken back by the next
+        request or put of this client, which re-asserts how many reservations it holds."""
         with self._lock:
-            r = self._call(wire.Reserve(rid=0, want=int(n), held=self._held), timeout)
+            req = wire.Reserve(rid=0, want=int(n), held=self._held, wait_ms=int(max(0.0, wait_s) * 1000))
+            r = self._call(req, timeout, extra_wait_s=max(0.0, wait_s), cancel=cancel)
+            if r is None:  # cancelled
+                return 0
             granted = int(r.get("granted", 0))
             self._held += granted
             return granted

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class UserError(Exception):
@@ -107,7 +107,11 @@ class ActorsConfig(_Section):
     kv_cache_gb: float = 1.0
     """CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE) when the environment does not set it."""
     admission_poll_s: float = 0.25
-    """Pause between admission requests while the buffer grants no new prompt (the actor waits, it never over-generates)."""
+    """Pause before asking again after an admission request failed (buffer unreachable or restarting)."""
+    admission_wait_s: float = Field(5.0, gt=0)
+    """How long the buffer may hold an actor's refused admission request: it answers as soon as slots
+    free (divided among the waiting actors, fewest prompts in flight first), else after this long and
+    the actor asks again. The actor waits, it never over-generates."""
 
 
 class BufferConfig(_Section):
@@ -187,7 +191,13 @@ class LearnerConfig(_Section):
     checkpoint_every: int = 10
     """Save a checkpoint every this many steps (and at the end)."""
     export_hf_every: int = 0
-    """Export hf/step-N every this many steps; 0: only at the end."""
+    """Export hf/step-N every this many steps during the run; 0: only at the end (the last step is always exported)."""
+    keep_checkpoints: int = Field(3, ge=0)
+    """Keep the newest this many complete checkpoints (never the one `latest` names, never one being
+    written); older ones are deleted after each save. 0: keep all."""
+    keep_hf_exports: int = Field(2, ge=0)
+    """Keep the newest this many HF exports (hf/step-N); older ones are deleted after each export.
+    0: keep all."""
     deterministic: bool = False
     """torch deterministic algorithms (bitwise-reproducible resume on CPU)."""
     seed: int = 0

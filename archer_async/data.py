@@ -142,11 +142,17 @@ def prompt_ids(tokenizer, row: dict) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+_SHARDING = "permuted"
+"""How PromptStream cuts shards (recorded in its state: a checkpoint of another rule is refused)."""
+
+
 class PromptStream:
     """Endless, seeded walk over a dataset shard, yielding (dataset index, row); resumable exactly.
 
-    Shard `rank` of `world` owns the rows whose dataset index i satisfies i % world == rank, so
-    streams of different ranks never share a prompt. Each epoch visits every owned row once, in a
+    Shard `rank` of `world` owns every world-th row of a seeded permutation of the dataset indices
+    (positions rank, rank + world, ...), so streams of different ranks never share a prompt and each
+    shard holds a random sample of the data: a dataset whose rows alternate between kinds (math, code)
+    does not give one kind to one actor, whose groups would then train at a different rate. Each epoch visits every owned row once, in a
     fresh seeded permutation when `shuffle` (identical for the same seed and epoch), else in order.
     `state_dict()` is {"epoch", "position", ...}: `load_state_dict` on a stream over the same rows
     continues with exactly the items the saved stream would have yielded next.
@@ -157,7 +163,10 @@ class PromptStream:
             raise ValueError(f"PromptStream: need 0 <= rank < world, got rank={rank} world={world}")
         self.rows = rows
         self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
-        self.indices = list(range(rank, len(rows), world))
+        perm = list(range(len(rows)))
+        if world > 1:
+            random.Random(f"prompt-shard-{seed}-{len(rows)}").shuffle(perm)
+        self.indices = sorted(perm[rank::world])
         if not self.indices:
             raise DataError(f"PromptStream: shard {rank}/{world} of {len(rows)} rows is empty")
         self.epoch, self.position = 0, 0
@@ -192,10 +201,14 @@ class PromptStream:
     def state_dict(self) -> dict:
         """JSON-serialisable cursor: epoch, position in the epoch, and what the stream was built with."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "rank": self.rank, "world": self.world, "num_rows": len(self.rows)}
+                "rank": self.rank, "world": self.world, "num_rows": len(self.rows), "sharding": _SHARDING}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved cursor; the dataset size, seed, shuffle and shard must match."""
+        if self.world > 1 and state.get("sharding", "modulo") != _SHARDING:
+            raise DataError(f"prompt stream checkpoint: its shards were cut by index modulo {self.world}; this version "
+                            "cuts them from a seeded permutation (start a new run, or resume with the version "
+                            "that wrote the checkpoint)")
         for key, mine in (("num_rows", len(self.rows)), ("seed", self.seed), ("shuffle", self.shuffle),
                           ("rank", self.rank), ("world", self.world)):
             if key in state and state[key] != mine:

@@ -7,8 +7,11 @@ Files in the run directory (all JSON Lines, one object per line, appended):
   and ``staleness/hist`` ({version lag as a string: number of samples} of the step's batch).
 - ``actor_metrics.jsonl``: actor-side time series, one row per actor per report (every few seconds),
   appended by :class:`ActorMetricsWriter` / :func:`append_actor_metrics`. Keys: ``actor_id``, ``time``,
-  ``actor/tokens_per_s``, ``actor/wait_for_weights_s``, ``actor/in_flight``, ``actor/versions``
-  ({weight version as a string: requests in flight generating with it}), ``version``.
+  ``actor/tokens_per_s``, ``actor/wait_for_weights_s`` (seconds since the actor's previous row),
+  ``actor/in_flight``, ``actor/versions`` ({weight version as a string: requests in flight generating
+  with it}), ``actor/idle_frac`` (fraction of the time since the previous row with no prompt in flight),
+  ``actor/samples_generated_total`` (samples of the groups the buffer acknowledged, since the actor
+  started: its share of the fleet's is this over the sum of every actor's latest), ``version``.
 - ``status.json``: the run's state for the dashboard's live/finished indicator (:func:`write_run_status`).
 
 Writers flush every line (line-buffered) and fsync at most every few seconds and on close, so a crash can
@@ -38,15 +41,18 @@ METRIC_NAMES: tuple[str, ...] = (
     "is/rho_mean", "is/rho_max", "is/truncated_frac", "is/ess", "is/mismatch_kl", "entropy/mean",
     "groups/solve_none", "groups/solve_all", "reward/infra_errors", "grad_norm", "lr",
     "eval/accuracy", "eval/pass_at_k",
+    "groups/dropped_solve_none", "groups/dropped_solve_all", "groups/dropped_stale", "groups/dropped_infra_error",
+    "actor/idle_frac",
 )
-"""Every metric name of docs/architecture.md section 7, in its order (eval/* only on evaluation steps)."""
+"""Every metric name of docs/architecture.md section 7, in its order (eval/* only on evaluation steps), then
+the buffer's drops per step by reason and the actors' idle fraction."""
 
 STALENESS_HIST = "staleness/hist"
 """Step-row key of the staleness histogram: {str(version lag): number of samples}."""
 
 ACTOR_METRIC_NAMES: tuple[str, ...] = (
     "actor_id", "time", "version", "actor/tokens_per_s", "actor/wait_for_weights_s", "actor/in_flight",
-    "actor/versions",
+    "actor/versions", "actor/idle_frac", "actor/samples_generated_total",
 )
 """Keys of one actor_metrics.jsonl row (all but actor_id and time optional)."""
 

@@ -94,7 +94,8 @@ class Op(str, enum.Enum):
     ADMISSION = "admission"
     """The admission rule's numbers (accepted, in flight, limit, headroom, ...)."""
     RESERVE = "reserve"
-    """Ask to start up to `want` prompts; reply {"granted": k, ...}."""
+    """Ask to start up to `want` prompts; reply {"granted": k, ...}. Free slots are divided among the
+    clients asking by fewest in flight; with `wait_ms` a refused request is held until slots free."""
     RELEASE = "release"
     """Give back `n` reservations whose prompts were abandoned."""
     SET_VERSION = "set_version"
@@ -150,6 +151,10 @@ class Reserve(Request, kw_only=True, tag=Op.RESERVE.value):
     """Prompts the producer asks to start now."""
     held: NonNegative = 0
     """Reservations it holds already (re-asserted after a buffer restart)."""
+    wait_ms: NonNegative = 0
+    """How long the server may hold the request while no slot is free (capped at 60 s): it answers as
+    soon as slots free (divided fairly among the clients waiting) or with granted 0 at the deadline.
+    A newer request of the same client replaces a held one (which then gets no answer)."""
 
 
 class Release(Request, kw_only=True, tag=Op.RELEASE.value):

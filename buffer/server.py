@@ -37,7 +37,7 @@ from archer_async.config import BufferConfig, Config
 from archer_async.fsio import atomic_write_json
 from archer_async.types import join_groups
 from buffer.store import BufferStore, group_meta, meta_from_header
-from buffer.table import RestoreError
+from buffer.table import RestoreError, share_slots
 
 log = logging.getLogger("buffer.server")
 
@@ -84,6 +84,17 @@ class _Waiting:
     deadline: float
 
 
+@dataclass
+class _Reserving:
+    """A reserve request being answered: held (``hold``) until slots free or its deadline passes."""
+
+    ident: bytes
+    rid: int
+    want: int
+    deadline: float
+    hold: bool
+
+
 class BufferServer:
     """Bound sockets + durable store. `serve_forever` runs the loop; `close` releases everything."""
 
@@ -98,9 +109,10 @@ class BufferServer:
         self._record_recovery()
         self.epoch = os.urandom(8).hex()
         self.counters = {"rejected_auth": 0, "rejected_malformed": 0, "rejected_replay": 0,
-                         "rejected_stale_epoch": 0}
+                         "rejected_stale_epoch": 0, "reserve_granted": 0, "reserve_refused": 0}
         self._fresh = wire.ReplayWindow()
         self._waiting: dict[str, _Waiting] = {}
+        self._reserving: dict[str, _Reserving] = {}  # client -> its reserve request, oldest first
         self._stop = threading.Event()
         self._pool = (ThreadPoolExecutor(_MAX_COMMITS, thread_name_prefix="buffer-fsync")
                       if self.cfg.fsync else None)
@@ -266,6 +278,8 @@ class BufferServer:
         s = self.store.stats()
         s.update(self.counters)
         s["waiting_samples"] = len(self._waiting)
+        s["waiting_reserves"] = len(self._reserving)
+        s["in_flight_by_client"] = dict(self.store.table.in_flight)
         s["epoch"] = self.epoch
         s["metrics"] = {"buffer/size": s["size"], "buffer/dropped_stale": s["dropped_stale"]}
         return s
@@ -283,9 +297,28 @@ class BufferServer:
     def _reserve(self, ident: bytes, req: wire.Reserve, staged: list) -> None:
         t = self.store.table
         t.in_flight[req.client] = req.held
-        granted = min(req.want, t.headroom())
-        t.in_flight[req.client] += granted
-        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", "granted": granted, **self._admission()})
+        self._reserving.pop(req.client, None)  # a newer request replaces a held one (its sender moved on)
+        self._reserving[req.client] = _Reserving(ident, req.rid, req.want,
+                                                 time.monotonic() + min(req.wait_ms, _MAX_WAIT_MS) / 1e3,
+                                                 req.wait_ms > 0)
+        self._serve_reserving()
+
+    def _serve_reserving(self) -> None:
+        """Divide the free slots among the reserve requests (`buffer.table.share_slots`: fewest in flight
+        first) and answer every request that got slots, does not wait, or reached its deadline."""
+        if not self._reserving:
+            return
+        t = self.store.table
+        grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight)
+        now = time.monotonic()
+        for client, r in list(self._reserving.items()):
+            g = grants[client]
+            if g > 0 or r.want == 0 or not r.hold or now >= r.deadline:
+                del self._reserving[client]
+                t.in_flight[client] = t.in_flight.get(client, 0) + g
+                self.counters["reserve_granted"] += g
+                self.counters["reserve_refused"] += int(g == 0 and r.want > 0)
+                self._reply(self.control, r.ident, {"rid": r.rid, "status": "ok", "granted": g, **self._admission()})
 
     def _release(self, ident: bytes, req: wire.Release, staged: list) -> None:
         t = self.store.table
@@ -360,8 +393,10 @@ class BufferServer:
                 events = {}
             else:
                 timeout = 100
-                if self._waiting:
-                    nearest = min(w.deadline for w in self._waiting.values()) - time.monotonic()
+                deadlines = [w.deadline for w in self._waiting.values()]
+                deadlines += [r.deadline for r in self._reserving.values()]
+                if deadlines:
+                    nearest = min(deadlines) - time.monotonic()
                     timeout = max(0, min(timeout, int(nearest * 1000) + 1))
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
@@ -377,6 +412,7 @@ class BufferServer:
             if self.ingest in events:
                 self._ingest_batch()
             self._serve_waiting(self._staged)
+            self._serve_reserving()
             self._commit()
 
     def _control(self, ident: bytes, req: wire.Request) -> None:

@@ -3,7 +3,7 @@ background thread of this process; the constructor returns once it serves.
 
     svc = BufferService(cfg, run_dir, restore_state)   # restore_state: checkpoint's consumed_state or None
     svc.endpoints()   # {"ingest": ..., "control": ...} (also in RUN_DIR/buffer/endpoints.json)
-    svc.metrics()     # flat numbers: buffer/size, buffer/dropped_stale, buffer/ready, ...
+    svc.metrics()     # flat numbers: buffer/size, buffer/dropped_stale, buffer/ready, ... (+ drops by reason)
     svc.stop()
 """
 
@@ -69,6 +69,7 @@ class BufferService(BufferRole):
         out = {f"buffer/{k}": v for k, v in s.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out.update(s.get("metrics", {}))
+        out["buffer/dropped_by_reason"] = dict(s.get("dropped_by_reason", {}))  # running totals by reason
         return out
 
     def set_version(self, version: int) -> None:

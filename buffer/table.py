@@ -64,6 +64,26 @@ def filter_reason(reward_statuses: list[str]) -> Optional[str]:
     return None if why is None else "filtered:" + why
 
 
+def share_slots(free: int, wants: dict[str, int], in_flight: dict[str, int]) -> dict[str, int]:
+    """Divide `free` admission slots among the clients that want them (client -> prompts asked for):
+    one slot at a time to the client with the fewest prompts in flight, counting the slots it was just
+    given; ties go to the client that asked first (the order of `wants`). So when admission binds, a
+    client that re-asks in a tight loop cannot take the slots a slower or refused client is waiting
+    for: every client that wants work converges to the same number in flight. Returns client -> granted
+    (every client of `wants`, 0 included)."""
+    order = {c: i for i, c in enumerate(wants)}
+    got = {c: 0 for c in wants}
+    left = max(0, int(free))
+    while left > 0:
+        cands = [c for c in wants if got[c] < wants[c]]
+        if not cands:
+            break
+        c = min(cands, key=lambda c: (in_flight.get(c, 0) + got[c], order[c]))
+        got[c] += 1
+        left -= 1
+    return got
+
+
 _NO_IDS: list = []
 """The per-sample lists of every finished group's meta (shared, never mutated)."""
 

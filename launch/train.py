@@ -80,6 +80,9 @@ class Run:
         self.eval_history: list[tuple[int, float]] = []
         self.actor_states: list = []      # per actor: data_state of the last checkpoint (re-placed actors restart there)
         self.actor_restarts = 0
+        self._actor_prev: dict[int, tuple[float, float]] = {}  # actor -> (wait total, idle total) at the last row
+        self._row_t = time.monotonic()
+        self._drops_prev: Optional[dict] = None  # the buffer's drop counts by reason at the last row
         self.actor_errors: dict[int, str] = {}  # actors alive but stopped generating (their last stats' error)
         self.generating = False
         self.role_died = False
@@ -235,9 +238,12 @@ class Run:
             _console(_progress_line(row, total))
             if step % cfg.learner.checkpoint_every == 0 or step == total:
                 self._checkpoint(step, version)
-        if cfg.learner.export_hf_every == 0 or step % max(1, cfg.learner.export_hf_every):
-            path = self._learners(lambda h: h.export_hf(step), what="HF export")[0]
-            _console(f"exported Hugging Face model: {path}")
+            every = cfg.learner.export_hf_every
+            if every and step % every == 0 and step != total:
+                path = self._learners(lambda h: h.export_hf(step), what=f"HF export step {step}")[0]
+                log.info("exported Hugging Face model: %s", path)
+        path = self._learners(lambda h: h.export_hf(step), what="HF export")[0]  # the final one, always
+        _console(f"exported Hugging Face model: {path}")
         if len(self.eval_history) >= 2:
             (s0, a0), (s1, a1) = self.eval_history[0], self.eval_history[-1]
             _console(f"held-out accuracy: {100 * a0:.1f}% at step {s0} -> {100 * a1:.1f}% at step {s1} "
@@ -395,15 +401,32 @@ class Run:
         atomic_write_text(self.run_dir / "pids.json", json.dumps({"driver": os.getpid(), **pids}))
 
     def _actor_metrics(self) -> dict:
-        stats = [st for st in self._actor_stats(60).values() if st is not None]  # dead: re-placed at the next sync
-        tps = sum(s.get("actor/tokens_per_s", 0.0) for s in stats)
-        wfw = max((s.get("actor/wait_for_weights_s", 0.0) for s in stats), default=0.0)
-        return {"actor/tokens_per_s": tps, "actor/wait_for_weights_s": wfw,
+        """Per step: summed tokens/s; the mean over actors of the seconds each waited for weights and of the
+        fraction of the step each was idle (no prompt in flight), from the actors' running totals."""
+        now = time.monotonic()
+        span, self._row_t = max(1e-6, now - self._row_t), now
+        live = {i: st for i, st in self._actor_stats(60).items() if st is not None}  # dead: re-placed at the next sync
+        waits, idles = [], []
+        for i, st in live.items():
+            wait_total, idle_total = float(st.get("actor/wait_for_weights_s", 0.0)), float(st.get("idle_s", 0.0))
+            pw, pi = self._actor_prev.get(i, (0.0, 0.0))
+            if wait_total < pw or idle_total < pi:  # a re-placed actor counts from 0 again
+                pw = pi = 0.0
+            waits.append(wait_total - pw)
+            idles.append(min(1.0, (idle_total - pi) / span))
+            self._actor_prev[i] = (wait_total, idle_total)
+        stats = list(live.values())
+        return {"actor/tokens_per_s": sum(s.get("actor/tokens_per_s", 0.0) for s in stats),
+                "actor/wait_for_weights_s": sum(waits) / len(waits) if waits else 0.0,
+                "actor/idle_frac": sum(idles) / len(idles) if idles else 0.0,
                 "actor/in_flight": sum(s.get("actor/in_flight", 0) for s in stats)}
 
     def _buffer_metrics(self) -> dict:
         s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
-        return {k: v for k, v in s.items() if isinstance(v, (int, float))}
+        out = {k: v for k, v in s.items() if isinstance(v, (int, float))}
+        out.update(drop_counts(s.get("buffer/dropped_by_reason") or {}, self._drops_prev))
+        self._drops_prev = dict(s.get("buffer/dropped_by_reason") or {})
+        return out
 
     def _evaluate(self, step: int, row: dict) -> None:
         """Held-out avg@K / pass@K with the actors' engines (eval temperature), added to `row`."""
@@ -475,6 +498,22 @@ def _stop_all(refs: list, timeout_s: float) -> None:
         _quiet(lambda: ray.get(ref))
     if pending:
         log.warning("shutdown: %d role(s) did not stop within %.0f s (ended with the cluster)", len(pending), timeout_s)
+
+
+DROP_REASONS = {"filtered:solve_none": "groups/dropped_solve_none", "filtered:solve_all": "groups/dropped_solve_all",
+                "stale": "groups/dropped_stale", "filtered:infra_error": "groups/dropped_infra_error"}
+"""The buffer's drop reasons (buffer.table.DropInfo.reason) -> the per-step metric counting them."""
+
+
+def drop_counts(totals: dict, previous: Optional[dict]) -> dict:
+    """Per-step drop counts by reason from the buffer's running totals now and at the previous step
+    (None: the first step of this driver, which counts everything so far). A total that went down (a
+    restarted buffer re-counts from its log) counts from 0."""
+    out = {}
+    for reason, name in DROP_REASONS.items():
+        now, before = int(totals.get(reason, 0)), int((previous or {}).get(reason, 0))
+        out[name] = now - before if now >= before else now
+    return out
 
 
 def _scalars(m: dict) -> dict:

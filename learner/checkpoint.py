@@ -126,6 +126,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def is_complete(path: Path) -> bool:
+    """True for a committed checkpoint directory (its DONE marker was written last)."""
+    return (Path(path) / DONE).is_file() and (Path(path) / ".metadata").is_file()
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints of `root` and the one `latest` names; delete older
+    complete ones (never a partial one: it may be being written). keep <= 0 keeps all."""
+    from .retention import prune
+
+    pointer = Path(root) / LATEST
+    protect = None
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not name:
+            return []  # a malformed pointer: delete nothing
+        protect = Path(root) / name
+    return prune(Path(root), keep, is_complete, protect)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -134,15 +154,17 @@ def save_checkpoint(
     learner_state: dict[str, Any],
     rank: int,
     world_size: int,
+    keep: int = 0,
 ) -> Path:
     """Save a complete checkpoint into a fresh `root/step-N/` and make it `latest`; collective over all ranks.
 
     `learner_state` must be JSON-able (step, version, schedule, the caller's extra_state).
-    Returns the checkpoint directory. A full disk raises DiskFullError (one line: the cause, the
-    path, the checkpoint that stays latest) instead of DCP's per-rank exception.
+    keep > 0: afterwards rank 0 deletes complete checkpoints older than the newest `keep`
+    (`prune_checkpoints`). Returns the checkpoint directory. A full disk raises DiskFullError (one line:
+    the cause, the path, the checkpoint that stays latest) instead of DCP's per-rank exception.
     """
     try:
-        return _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size)
+        return _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size, keep)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
@@ -158,7 +180,7 @@ def save_checkpoint(
                             + ": free space, then `archer-async resume` the run") from None
 
 
-def _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size) -> Path:
+def _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_size, keep) -> Path:
     root = Path(root)
     path = step_dir(root, step)
     current = None
@@ -195,6 +217,7 @@ def _save_checkpoint(root, step, model, optimizer, learner_state, rank, world_si
         fsync_dir(root)
         atomic_write_bytes(root / LATEST, f"{path.name}\n".encode())
         log.info("checkpoint %s committed", path)
+        prune_checkpoints(root, keep)
     _barrier()
     return path
 

@@ -21,6 +21,7 @@ from torch import nn
 from archer_async.fsio import fsync_dir
 
 from .checkpoint import _barrier
+from .retention import prune
 from .weights import iter_full_weights
 
 TOKENIZER_FILES = (
@@ -37,8 +38,11 @@ def export_hf(
     source_dir: Path,
     dtype: torch.dtype,
     bucket_bytes: int = 256 << 20,
+    keep: int = 0,
 ) -> Path:
-    """Gather full weights bucket by bucket (collective) and write `out_root/step-N/` on rank 0; returns the path."""
+    """Gather full weights bucket by bucket (collective) and write `out_root/step-N/` on rank 0; returns the path.
+    keep > 0: afterwards rank 0 deletes exports older than the newest `keep` (hidden temporary
+    directories of exports being written are never touched)."""
     out_root = Path(out_root)
     final = out_root / f"step-{int(step)}"
     tensors: dict[str, torch.Tensor] = {}
@@ -67,6 +71,7 @@ def export_hf(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(out_root)
+        prune(out_root, keep, lambda p: (p / "model.safetensors").is_file() and (p / "config.json").is_file(), final)
     del tensors
     _barrier()
     return final

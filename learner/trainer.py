@@ -378,7 +378,7 @@ class Learner(LearnerRole):
         """Write `run_dir/hf/step-N/` (transformers/vLLM loadable; collective) and return it."""
         step = self.step_count if step is None else int(step)
         return export_hf(self.model, self.rank, self.run_dir / "hf", step, self.model_dir, self.param_dtype,
-                         self.cfg.sync.bucket_mb << 20)
+                         self.cfg.sync.bucket_mb << 20, keep=self.lcfg.keep_hf_exports)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -400,7 +400,7 @@ class Learner(LearnerRole):
         if self.rank == 0 and self._consumed_state is not None:
             state["extra_state"]["buffer"] = self._consumed_state  # one commit with the weights it trained
         return ckpt.save_checkpoint(self.checkpoint_root, step, self.model, self.optimizer, state,
-                                    self.rank, self.world_size)
+                                    self.rank, self.world_size, keep=self.lcfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Optional[Union[str, Path]] = None) -> Optional[dict]:
         """Restore a checkpoint (default: `latest`, validated); returns its extra_state, None if there is none."""

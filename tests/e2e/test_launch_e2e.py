@@ -22,6 +22,8 @@ from tests.helpers.browser import CANVAS_CHECK, Chromium
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 TOTAL = 4
+RETENTION = ["learner.checkpoint_every=1", "learner.keep_checkpoints=2", "learner.export_hf_every=1",
+             "learner.keep_hf_exports=2"]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -63,7 +65,7 @@ def e2e_run(tmp_path_factory):
     run_dir = tmp / "run"
     tag = new_tag("e2e")
     t0 = time.time()
-    run = CliRun(["train", f"run_dir={run_dir}", *TINY], tag, tmp / "train.out")
+    run = CliRun(["train", f"run_dir={run_dir}", *TINY, *RETENTION], tag, tmp / "train.out")
     try:
         m = run.wait_for_line(r"dashboard: (http://\S+)", timeout_s=420)
         dash = _watch_dashboard(run, m.group(1), tmp / "chrome") if m else {"error": "no dashboard line"}
@@ -132,6 +134,11 @@ def test_run_directory_layout(e2e_run):
     assert cfg["learner"]["total_steps"] == TOTAL and cfg["actors"]["max_response_length"] == 32
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{TOTAL}" and (run_dir / "checkpoints" / latest / "DONE").is_file()
+    # a checkpoint and an HF export every step, the newest two of each kept (the final export included)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-3", "step-4"]
+    assert sorted(p.name for p in (run_dir / "hf").iterdir()) == ["step-3", "step-4"]
+    assert "HF export step 2" not in e2e_run["out"]  # exports during the run are quiet (driver log only)
+    assert re.search(r"exported Hugging Face model: \S+/hf/step-2", (run_dir / "logs" / "driver.log").read_text())
 
 
 def test_hf_export_loads_in_transformers(e2e_run):

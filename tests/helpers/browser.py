@@ -59,6 +59,9 @@ def synthetic_step_row(step: int, t0: float, rng: random.Random) -> dict:
         "entropy/mean": 0.9 * math.exp(-step / 60) + 0.25 + rng.gauss(0, 0.01),
         "groups/solve_none": rng.randint(0, 3), "groups/solve_all": rng.randint(0, 2),
         "reward/infra_errors": int(rng.random() < 0.1), "grad_norm": 0.6 + abs(rng.gauss(0, 0.2)), "lr": 1e-4,
+        "groups/dropped_solve_none": rng.randint(0, 4), "groups/dropped_solve_all": rng.randint(0, 3),
+        "groups/dropped_stale": int(rng.random() < 0.2), "groups/dropped_infra_error": 0,
+        "actor/idle_frac": max(0.0, 0.15 + rng.gauss(0, 0.05)),
     }
     if step % 10 == 0:
         row["eval/accuracy"] = 0.2 + 0.4 * (1 - math.exp(-step / 20)) + rng.gauss(0, 0.01)
@@ -79,7 +82,9 @@ def write_synthetic_run(run_dir: Path, steps: range, t0: float, rng: random.Rand
                 "actor_id": i, "time": t0 + t, "version": v,
                 "actor/tokens_per_s": 820 + 90 * math.sin(t / 40 + i) + rng.gauss(0, 25),
                 "actor/wait_for_weights_s": 0.3, "actor/in_flight": 48 - 6 * i + rng.randint(-4, 4),
-                "actor/versions": {str(v): 40, str(max(0, v - 1)): 8}})
+                "actor/versions": {str(v): 40, str(max(0, v - 1)): 8},
+                "actor/idle_frac": max(0.0, min(1.0, 0.1 + 0.05 * i + rng.gauss(0, 0.03))),
+                "actor/samples_generated_total": int((t + 2.0) * (30 + 2 * i))})
         t += 2.0
 
 

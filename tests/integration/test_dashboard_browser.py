@@ -56,6 +56,9 @@ def test_dashboard_page_draws_plots_and_follows_new_rows(tmp_path):
         for cid in ("cv-tput", "cv-buffer", "cv-reward", "cv-entropy", "cv-clip", "cv-rho", "cv-sync", "cv-wait"):
             assert by_id[cid]["points"] >= 30, by_id[cid]
         assert by_id["cv-stale"]["points"] >= 5  # lags 0..4 (eta = 4)
+        assert by_id["cv-idle"]["points"] >= 30 and by_id["cv-share"]["points"] >= 30
+        assert by_id["cv-groups"]["points"] >= 30 * 4  # the buffer's drops by reason, per step
+        assert "% of samples" in chrome.eval("document.getElementById('h-actors').textContent")
         assert by_id["cv-eval"]["points"] == 6  # steps 10, 20, 30 x (avg@K, pass@K)
         assert chrome.eval("document.getElementById('h-version').textContent") == "30"
         assert "actor 2" in chrome.eval("document.getElementById('h-actors').textContent")

@@ -150,3 +150,18 @@ def test_learner_kill9_during_saves_leaves_a_loadable_latest(tmp_path):
     latest = ck.latest_checkpoint(root)
     step = int(latest.name.split("-")[1])
     assert step >= done and _load_fill(latest) == float(step)
+
+
+def test_learner_keep_checkpoints_deletes_old_ones_never_latest(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        model, opt = _model_and_opt(float(step))
+        ck.save_checkpoint(root, step, model, opt, {"step": step, "extra_state": {"cursor": step}}, 0, 1, keep=2)
+    (root / "step-9").mkdir()  # a partial save (no DONE): may be being written, never deleted
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-3", "step-9"]
+    assert ck.latest_checkpoint(root).name == "step-3" and _load_fill(root / "step-3") == 3.0
+    (root / "latest").write_text("step-2\n")  # e.g. resumed from step 2: `latest` is kept whatever its age
+    model, opt = _model_and_opt(4.0)
+    ck.save_checkpoint(root, 4, model, opt, {"step": 4, "extra_state": {"cursor": 4}}, 0, 1, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-4", "step-9"]
+    assert ck.prune_checkpoints(root, 1) == [] and ck.is_complete(root / "step-4")

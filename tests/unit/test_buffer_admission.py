@@ -1,0 +1,39 @@
+"""The fair-share rule of admission (`buffer.table.share_slots`): free slots go one at a time to the
+client with the fewest prompts in flight, ties to the client that asked first."""
+
+from buffer.table import share_slots
+
+
+def test_slots_go_to_fewest_in_flight_first():
+    got = share_slots(4, {"a": 8, "b": 8}, {"a": 6, "b": 0})
+    assert got == {"a": 0, "b": 4}
+
+
+def test_equal_clients_split_evenly():
+    got = share_slots(8, {"a": 16, "b": 16, "c": 16, "d": 16}, {})
+    assert got == {"a": 2, "b": 2, "c": 2, "d": 2}
+
+
+def test_converges_to_equal_in_flight():
+    in_flight = {"a": 5, "b": 2, "c": 0}
+    got = share_slots(6, {"a": 10, "b": 10, "c": 10}, in_flight)
+    after = {c: in_flight[c] + got[c] for c in got}
+    assert sum(got.values()) == 6
+    assert max(after.values()) - min(after.values()) <= 1
+
+
+def test_never_more_than_wanted_or_free():
+    got = share_slots(10, {"a": 1, "b": 2}, {})
+    assert got == {"a": 1, "b": 2}
+    assert share_slots(0, {"a": 3}, {}) == {"a": 0}
+    assert share_slots(-2, {"a": 3}, {}) == {"a": 0}
+
+
+def test_ties_go_to_who_asked_first():
+    assert share_slots(1, {"late": 1, "early": 1}, {}) == {"late": 1, "early": 0}
+    assert share_slots(1, {"early": 1, "late": 1}, {}) == {"early": 1, "late": 0}
+
+
+def test_clients_not_asking_get_nothing():
+    got = share_slots(3, {"a": 3}, {"a": 9, "b": 0})
+    assert got == {"a": 3}
