@@ -215,14 +215,26 @@ class LossConfig(_Section):
     """Coefficient of the k3 KL to the reference on high-entropy tokens."""
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """Aggregation: mean over each response's tokens then over responses, or one mean over all tokens."""
-    is_correction: Literal["token_tis", "token_mask", "none"] = "token_tis"
-    """Off-policy correction weight per token from rho = pi_prox / mu."""
+    is_correction: Literal["token_tis", "token_mask", "seq_tis", "geo_mask", "m2po", "none"] = "token_tis"
+    """Off-policy correction weight per token from rho = pi_prox / mu: token_tis (min(rho, is_cap)),
+    token_mask (rho inside [is_mask_low, is_mask_high], else 0), seq_tis (the response's product of rho,
+    capped at seq_is_cap, on every token of the response), geo_mask (weight 1, a response whose geometric-
+    mean rho lies outside [geo_mask_low, geo_mask_high] gets 0), m2po (rho, except the tokens with the
+    largest (log rho)^2 get 0 until the mini-batch's mean (log rho)^2 is <= m2po_tau), none (1)."""
     is_cap: float = 2.0
     """Truncation cap of token_tis."""
     is_mask_low: float = 0.5
     """Lower bound of the token_mask band."""
     is_mask_high: float = 2.0
     """Upper bound of the token_mask band."""
+    seq_is_cap: float = 2.0
+    """Truncation cap of seq_tis (on the response's ratio exp(sum of log rho))."""
+    geo_mask_low: float = 0.9
+    """Lower bound of geo_mask on the response's geometric-mean ratio exp(mean of log rho)."""
+    geo_mask_high: float = 1.1
+    """Upper bound of geo_mask on the response's geometric-mean ratio."""
+    m2po_tau: float = 0.04
+    """m2po's bound on the mini-batch's mean (log rho)^2 over the tokens it keeps (M2PO's tau_M2)."""
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for every setting outside its meaningful range."""
@@ -238,6 +250,10 @@ class LossConfig(_Section):
             (self.is_cap >= 1.0, "is_cap", "must be >= 1 (so on-policy tokens keep weight 1)"),
             (0.0 <= self.is_mask_low <= 1.0, "is_mask_low", "must lie in [0, 1]"),
             (self.is_mask_high >= 1.0, "is_mask_high", "must be >= 1"),
+            (self.seq_is_cap >= 1.0, "seq_is_cap", "must be >= 1 (so on-policy responses keep weight 1)"),
+            (0.0 <= self.geo_mask_low <= 1.0, "geo_mask_low", "must lie in [0, 1]"),
+            (self.geo_mask_high >= 1.0, "geo_mask_high", "must be >= 1"),
+            (self.m2po_tau > 0.0, "m2po_tau", "must be > 0"),
         ]
         return [(key, f"{getattr(self, key)!r}: {msg}") for ok, key, msg in checks if not ok]
 
