@@ -17,7 +17,10 @@ leaves no run directory and no Ray process; a failure after the roles began star
 directory (logs/<role>.log, status.json "failed" with the error) for diagnosis.
 
 In `launch.mode: sync` the buffer's staleness bound is 0: actors generate exactly one batch per
-version, so generation and training alternate (the baseline of the asynchronous mode).
+version, so generation and training alternate (the baseline of the asynchronous mode). With
+`launch.policy_lag: k` the bound is k and the driver holds each weight sync until the actors have
+stored their batch, so the learner at version v trains on data of version v - k exactly
+(launch/policy_lag.py).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class Run:
         if cfg.launch.mode == "sync":
             # generate exactly one batch per weight version, then train on it: no overlap, no staleness
             cfg = cfg.model_copy(deep=True)
-            cfg.buffer.max_staleness = 0
+            # launch.policy_lag k: actors run k batches ahead, each batch on its own weight version
+            cfg.buffer.max_staleness = cfg.launch.policy_lag or 0
         self.cfg = cfg
         self.resume = resume
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -191,6 +195,8 @@ class Run:
         for step in range(start_step + 1, total + 1):
             m = self._learners(lambda h: h.step_from_buffer(), what=f"training step {step}",
                                check=self._check_generation)[0]
+            if cfg.launch.mode == "sync" and cfg.launch.policy_lag:
+                self._hold_for_lag(version)  # the actors finish version `version`'s batch before new weights
             sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
@@ -215,6 +221,22 @@ class Run:
                      f"({100 * (a1 - a0):+.1f} points)")
 
     # ------------------------------------------------------------------------------------------
+    def _hold_for_lag(self, version: int) -> None:
+        """launch.policy_lag: wait until the actors serving `version` have stored their whole batch
+        (launch/policy_lag.py), checking every 15 s that generation can still make progress."""
+        from launch.policy_lag import batch_complete
+
+        k, b = int(self.cfg.launch.policy_lag or 0), self.cfg.learner.batch_groups
+        next_check = time.monotonic() + 15.0
+        while True:
+            s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
+            if batch_complete(int(s["buffer/accepted"]), int(s["buffer/in_flight"]), version, k, b):
+                return
+            if time.monotonic() >= next_check:
+                self._check_generation()
+                next_check = time.monotonic() + 15.0
+            time.sleep(0.1)
+
     def _learners(self, call: Callable[[RoleHandle], Any], *, what: str, timeout: Optional[float] = None,
                   check: Optional[Callable[[], None]] = None) -> list:
         """`call(handle)` on every learner rank (one collective method) and wait; errors name the rank."""
