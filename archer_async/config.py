@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -113,8 +113,21 @@ class ActorsConfig(_Section):
 class BufferConfig(_Section):
     capacity: int = 256
     """Maximum groups held (not yet consumed). When full, producers wait; nothing is dropped."""
-    max_staleness: int = 4
-    """eta: a group may be trained at version v only if every token's version >= v - eta."""
+    max_staleness: Union[int, Literal["auto"]] = 4
+    """eta: a group may be trained at version v only if every token's version >= v - eta. "auto": eta
+    starts at auto_max_staleness and follows the learner's measured ESS and mismatch KL after every
+    step (halved when they degrade, +1 when they are healthy, within [auto_min_staleness,
+    auto_max_staleness]; archer_async/staleness.py), logged as staleness/bound."""
+    auto_min_staleness: int = 1
+    """Lower bound of eta under max_staleness auto."""
+    auto_max_staleness: int = 8
+    """Upper bound (and starting value) of eta under max_staleness auto."""
+    auto_ess_low: float = 0.8
+    """auto: a step with is/ess below this tightens eta (halves it)."""
+    auto_ess_high: float = 0.95
+    """auto: eta relaxes (+1) only after a step with is/ess at or above this..."""
+    auto_kl_high: float = 0.02
+    """auto: a step with is/mismatch_kl above this tightens eta; eta relaxes only at or below half of it."""
     sampler: Literal["oldest", "uniform"] = "oldest"
     """Which ready groups a sample request returns: oldest-first or uniform at random."""
     max_reuse: int = 1
@@ -400,6 +413,17 @@ class Config(_Section):
             object.__setattr__(self, "run_dir", _default_run_dir())
         if self.learner.batch_groups % self.learner.mini_batch_groups:
             raise ValueError("learner.batch_groups must be a multiple of learner.mini_batch_groups")
+        b = self.buffer
+        if isinstance(b.max_staleness, int) and b.max_staleness < 0:
+            raise ValueError(f"buffer.max_staleness = {b.max_staleness}: must be >= 0 or auto")
+        if not 0 <= b.auto_min_staleness <= b.auto_max_staleness:
+            raise ValueError(f"buffer.auto_min_staleness = {b.auto_min_staleness}, auto_max_staleness = "
+                             f"{b.auto_max_staleness}: need 0 <= min <= max")
+        if not 0.0 <= b.auto_ess_low <= b.auto_ess_high <= 1.0:
+            raise ValueError(f"buffer.auto_ess_low = {b.auto_ess_low}, auto_ess_high = {b.auto_ess_high}: "
+                             "need 0 <= low <= high <= 1")
+        if b.auto_kl_high <= 0:
+            raise ValueError(f"buffer.auto_kl_high = {b.auto_kl_high}: must be > 0")
         k = self.launch.policy_lag
         if k is not None:
             if k < 0:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Collection, Optional
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
 from archer_async.fsio import atomic_write_text
+from archer_async.staleness import initial_staleness, is_auto, next_staleness
 from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
@@ -70,6 +71,7 @@ class Run:
             cfg.buffer.max_staleness = cfg.launch.policy_lag or 0
         self.cfg = cfg
         self.resume = resume
+        self.staleness_bound = initial_staleness(cfg.buffer)  # eta the buffer enforces (auto: moves)
         self.run_dir = Path(cfg.run_dir).resolve()
         self.hosts: dict[str, Any] = {}
         self.learners: list = []
@@ -201,7 +203,9 @@ class Run:
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
                 wait(self.buffer.set_version(version), 60, "set_version", ["buffer"])
+            self._adapt_staleness(m)
             row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
+                   "staleness/bound": self.staleness_bound,
                    "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
@@ -221,6 +225,19 @@ class Run:
                      f"({100 * (a1 - a0):+.1f} points)")
 
     # ------------------------------------------------------------------------------------------
+    def _adapt_staleness(self, m: dict) -> None:
+        """buffer.max_staleness auto (async mode): move the buffer's bound after this step's ESS and
+        mismatch KL (archer_async/staleness.py); every step's bound is logged as staleness/bound."""
+        if not is_auto(self.cfg.buffer) or self.cfg.launch.mode == "sync":
+            return
+        new = next_staleness(self.staleness_bound, float(m.get("is/ess", float("nan"))),
+                             float(m.get("is/mismatch_kl", float("nan"))), self.cfg.buffer)
+        if new != self.staleness_bound:
+            wait(self.buffer.set_max_staleness(new), 60, "set_max_staleness", ["buffer"])
+            log.info("staleness bound %d -> %d (is/ess %.4f, is/mismatch_kl %.5f)", self.staleness_bound, new,
+                     float(m.get("is/ess", float("nan"))), float(m.get("is/mismatch_kl", float("nan"))))
+            self.staleness_bound = new
+
     def _hold_for_lag(self, version: int) -> None:
         """launch.policy_lag: wait until the actors serving `version` have stored their whole batch
         (launch/policy_lag.py), checking every 15 s that generation can still make progress."""
