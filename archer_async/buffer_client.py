@@ -419,6 +419,12 @@ class BufferClient:
         """Tell the buffer the learner's version (durable; admission and staleness follow it)."""
         self._call(wire.SetVersion(rid=0, version=int(version)), timeout)
 
+    def set_max_staleness(self, max_staleness: int, timeout: Optional[float] = 30.0) -> dict:
+        """Set the staleness bound eta (buffer.max_staleness auto); returns the admission numbers."""
+        r = self._call(wire.SetStaleness(rid=0, max_staleness=int(max_staleness)), timeout)
+        r.pop("_payload", None)
+        return r
+
     def sample(self, n_groups: int, version: int, timeout: Optional[float] = None) -> SampleBatch:
         """n_groups groups trainable at `version` (every token's version >= version - eta), oldest
         first by default. Blocks until they are ready; BufferTimeout after `timeout` seconds

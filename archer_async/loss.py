@@ -9,7 +9,14 @@ Objective (per valid token t of response i; every tensor is [B, T], B responses,
                     L1_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_lo, 1 + eps_hi))
                     L_t  = min(L1_t, -A_t c) where A_t < 0 (dual clip, c = dual_clip_c), else L1_t
     IS weight       rho_t = exp(clamp(prox_t - behav_t, -20, 20))   (no gradient)
-                    w_t = 1 | min(rho_t, is_cap) | rho_t * [is_mask_low <= rho_t <= is_mask_high]
+                    w_t = 1 | min(rho_t, is_cap) | rho_t * [is_mask_low <= rho_t <= is_mask_high]   (none,
+                          token_tis, token_mask)
+                    sequence modes, per response i with S_i = sum_t log rho_t over its valid tokens:
+                    w_t = min(exp(S_i), seq_is_cap)                                    (seq_tis)
+                    w_t = [geo_mask_low <= exp(S_i / n_i) <= geo_mask_high]            (geo_mask)
+                    m2po: s_t = (log rho_t)^2; c = the smallest cutoff such that the mini-batch's
+                    tokens with s_t < c have mean s <= m2po_tau (c = inf when the mean of all is);
+                    w_t = rho_t * [s_t < c]                                             (m2po)
     KL (k3)         e_t = clamp(ref_t - logp_t, -20, 20),  k_t = clamp(exp(e_t) - e_t - 1, -10, 10)
     loss            = agg(w_t L_t over valid tokens)
                       + kl_coef_low_entropy  * agg(k_t over low-entropy tokens)
@@ -33,6 +40,11 @@ Departures from the paper (Wang et al., arXiv 2507.15778, and its released verl 
 - An optional KL on high-entropy tokens (kl_coef_high_entropy, 0 by default as in Archer).
 - Settings outside their meaningful range (dual_clip_c <= 1, is_cap < 1, a clip ratio < 0, ...)
   raise ConfigError naming the key (`validate_loss_config`) instead of training silently.
+
+Sequence modes (seq_tis, geo_mask) act per response; a response is never split across micro-batches,
+so they need nothing more. m2po's cutoff c is a property of the whole mini-batch: the micro-batched
+caller computes it once with `m2po_cutoff(squared_log_ratios(...) of every micro-batch and rank)` and
+passes it as `denominators.m2po_cutoff`.
 
 Micro-batch invariance (§5). `policy_loss(..., denominators=None)` treats its inputs as the whole
 mini-batch. When the learner splits a mini-batch into micro-batches and accumulates gradients, it
@@ -69,8 +81,10 @@ __all__ = [
     "importance_weights",
     "logprobs_from_logits",
     "loss_denominators",
+    "m2po_cutoff",
     "merge_metrics",
     "policy_loss",
+    "squared_log_ratios",
     "validate_loss_config",
 ]
 
@@ -100,6 +114,8 @@ class LossDenominators:
     """Valid low-entropy tokens."""
     num_high_tokens: Optional[int] = None
     """Valid high-entropy tokens."""
+    m2po_cutoff: Optional[float] = None
+    """m2po only: the mini-batch's cutoff on (log rho)^2 (`m2po_cutoff`); not summed by `+` (None)."""
 
     def __add__(self, other: "LossDenominators") -> "LossDenominators":
         def add(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -159,35 +175,93 @@ def loss_denominators(
     return LossDenominators(*vals) if len(vals) == 4 else LossDenominators(vals[0], vals[1])
 
 
+def _log_rho(proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """clamp(prox - behav, -20, 20) [B, T] in the compute dtype of `proximal_logprobs`, 0 on padding."""
+    cdt = _float_dtype(proximal_logprobs.dtype)
+    prox = torch.where(m, proximal_logprobs.detach().to(cdt), 0.0)
+    behav = torch.where(m, behavior_logprobs.detach().to(cdt), 0.0)
+    return (prox - behav).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def squared_log_ratios(
+    proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(log rho_t)^2 of the valid tokens, flattened to [N] (N = valid tokens), exactly as policy_loss
+    computes them from [B, T] proximal / behaviour log-probs: the input of `m2po_cutoff`."""
+    m = _bool_mask(mask)
+    with torch.no_grad():
+        return _log_rho(proximal_logprobs, behavior_logprobs, m).square()[m]
+
+
+def m2po_cutoff(sq_log_rho_n: torch.Tensor, tau: float) -> float:
+    """M2PO's second-moment mask as a cutoff c on s = (log rho)^2, from the [N] values of a mini-batch.
+
+    Tokens with the largest s are masked one by one until the mean s of the rest is <= tau: with
+    s sorted descending, k is the smallest count whose removal achieves it, and c = the k-th largest
+    s; a token is kept iff s < c (ties with the k-th largest are masked too, which only lowers the
+    mean further). Returns inf (nothing masked) when the mean of all N is already <= tau or N = 0.
+    """
+    s = sq_log_rho_n.detach().flatten().to(torch.float64)
+    n = s.numel()
+    if n == 0 or float(s.mean()) <= tau:
+        return math.inf
+    desc = torch.sort(s, descending=True).values
+    rest_sum = desc.flip(0).cumsum(0).flip(0)  # rest_sum[k] = sum of desc[k:] (the rest after removing k)
+    rest_mean = rest_sum / torch.arange(n, 0, -1, dtype=torch.float64)
+    ok = (rest_mean <= tau).nonzero()
+    k = int(ok[0]) if ok.numel() else n  # removing all N leaves nothing, which satisfies any bound
+    return float(desc[k - 1])
+
+
 def importance_weights(
-    proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
+    proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,
+    m2po_cut: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """§3: (w, rho, log_rho, flagged), each [B, T], no gradient; w, rho, log_rho 0 and flagged False
     on padding.
 
     log_rho = clamp(prox - behav, -20, 20), rho = exp(log_rho); w per cfg.is_correction; flagged
-    marks tokens that were truncated (token_tis, rho > is_cap) or masked (token_mask, outside band).
+    marks tokens that were truncated or masked (token_tis: rho > is_cap; token_mask: outside the band;
+    seq_tis: every token of a response whose ratio exceeds seq_is_cap; geo_mask: every token of a
+    rejected response; m2po: the masked tokens). m2po_cut: m2po's cutoff (None: of this batch).
     """
     m = _bool_mask(mask)
     with torch.no_grad():
-        log_rho = torch.where(m, proximal_logprobs.detach() - behavior_logprobs.detach(), 0.0)
-        return _importance_weights(log_rho.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), m, cfg)
+        return _importance_weights(_log_rho(proximal_logprobs, behavior_logprobs, m), m, cfg, m2po_cut)
 
 
 def _importance_weights(
-    log_rho: torch.Tensor, m: torch.Tensor, cfg: LossConfig
+    log_rho: torch.Tensor, m: torch.Tensor, cfg: LossConfig, m2po_cut: Optional[float] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """importance_weights given the clamped log_rho [B, T] that is already 0 on padding."""
     rho = torch.where(m, log_rho.exp(), 0.0)
-    if cfg.is_correction == "none":
+    mode = cfg.is_correction
+    if mode == "none":
         w, flagged = m.to(rho.dtype), torch.zeros_like(m)
-    elif cfg.is_correction == "token_tis":
+    elif mode == "token_tis":
         w, flagged = rho.clamp(max=cfg.is_cap), rho > cfg.is_cap  # padding: rho = 0 -> w = 0, not flagged
-    elif cfg.is_correction == "token_mask":
+    elif mode == "token_mask":
         in_band = (rho >= cfg.is_mask_low) & (rho <= cfg.is_mask_high)
         w, flagged = torch.where(in_band, rho, 0.0), m & ~in_band
+    elif mode in ("seq_tis", "geo_mask"):
+        sum_b = log_rho.sum(-1)  # [B] S_i (padding contributes 0)
+        if mode == "seq_tis":
+            seq_ratio_b = sum_b.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [B]
+            w_b = seq_ratio_b.clamp(max=cfg.seq_is_cap)
+            bad_b = seq_ratio_b > cfg.seq_is_cap
+        else:
+            geo_b = (sum_b / m.sum(-1).clamp_min(1)).exp()  # [B] geometric-mean ratio
+            bad_b = (geo_b < cfg.geo_mask_low) | (geo_b > cfg.geo_mask_high)
+            w_b = (~bad_b).to(rho.dtype)
+        w = torch.where(m, w_b.unsqueeze(-1), 0.0)
+        flagged = m & bad_b.unsqueeze(-1)
+    elif mode == "m2po":
+        s = log_rho.square()
+        cut = m2po_cutoff(s[m], cfg.m2po_tau) if m2po_cut is None else m2po_cut
+        masked = m & (s >= cut)
+        w, flagged = torch.where(masked, 0.0, rho), masked
     else:
-        raise ConfigError(f"loss.is_correction = {cfg.is_correction!r}: unknown mode")
+        raise ConfigError(f"loss.is_correction = {mode!r}: unknown mode")
     return w, rho, log_rho, flagged
 
 
@@ -266,6 +340,12 @@ def policy_loss(
             if coef != 0 and getattr(denominators, name) is None:
                 raise ValueError(f"policy_loss: token-mean KL needs denominators.{name}; "
                                  "pass entropy to loss_denominators")
+    m2po_cut = None
+    if cfg.is_correction == "m2po" and denominators is not None:
+        if denominators.m2po_cutoff is None:
+            raise ValueError("policy_loss: loss.is_correction = m2po on a micro-batch needs denominators.m2po_cutoff "
+                             "(m2po_cutoff over the whole mini-batch)")
+        m2po_cut = denominators.m2po_cutoff
     cdt = _float_dtype(logprobs.dtype)
     m = _bool_mask(mask)
 
@@ -311,7 +391,7 @@ def policy_loss(
 
     # §3 importance weight (stop-gradient); 0 on padding, so pg_bt needs no further masking.
     log_rho = (prox - prep(behavior_logprobs)).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    w, rho, log_rho, flagged = _importance_weights(log_rho, m, cfg)
+    w, rho, log_rho, flagged = _importance_weights(log_rho, m, cfg, m2po_cut)
     pg = _aggregate(w * pg_bt, None, n_row_b, agg, den_resp, den_tok)
 
     # §4 k3 KL to the reference per token class.

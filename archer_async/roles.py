@@ -33,6 +33,9 @@ class BufferRole(Protocol):
     def set_version(self, version: int) -> None:
         """Sync mode: the learner version the actors now serve (admission follows it)."""
 
+    def set_max_staleness(self, max_staleness: int) -> None:
+        """buffer.max_staleness auto: the new staleness bound eta (admission and staleness follow it)."""
+
     def stop(self, timeout_s: float = 60.0) -> None:
         """Commit what the buffer holds and stop serving."""
 

@@ -104,6 +104,8 @@ class Op(str, enum.Enum):
     """Return to a learner checkpoint's consumed_state."""
     SAMPLE = "sample"
     """`n` groups trainable at `version`; payload: a msgpack array of encoded groups."""
+    SET_STALENESS = "set_staleness"
+    """A new staleness bound eta (buffer.max_staleness auto); admission and staleness follow it."""
 
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -183,7 +185,12 @@ class Sample(Request, kw_only=True, tag=Op.SAMPLE.value):
     """How long the server may hold the request until enough groups are ready (capped at 60 s)."""
 
 
-AnyRequest = Union[Put, Ping, Stats, Admission, Reserve, Release, SetVersion, Rewind, Sample]
+class SetStaleness(Request, kw_only=True, tag=Op.SET_STALENESS.value):
+    max_staleness: NonNegative
+    """The new staleness bound eta."""
+
+
+AnyRequest = Union[Put, Ping, Stats, Admission, Reserve, Release, SetVersion, Rewind, Sample, SetStaleness]
 CONTROL_OPS = frozenset(op for op in Op if op is not Op.PUT)
 
 

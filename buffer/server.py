@@ -329,6 +329,10 @@ class BufferServer:
         self.store.set_version(req.version)
         staged.append((self.control, ident, {"rid": req.rid, "status": "ok"}, b""))
 
+    def _set_staleness(self, ident: bytes, req: wire.SetStaleness, staged: list) -> None:
+        self.store.table.max_staleness = int(req.max_staleness)  # not logged: a restart starts from the config
+        self._reply(self.control, ident, {"rid": req.rid, "status": "ok", **self._admission()})
+
     def _rewind(self, ident: bytes, req: wire.Rewind, staged: list) -> None:
         try:
             self.store.rewind(req.state)
@@ -350,7 +354,7 @@ class BufferServer:
 
     _HANDLERS = {wire.Ping: _ping, wire.Stats: _stats, wire.Admission: _admission_op, wire.Reserve: _reserve,
                  wire.Release: _release, wire.SetVersion: _set_version, wire.Rewind: _rewind,
-                 wire.Sample: _sample}
+                 wire.Sample: _sample, wire.SetStaleness: _set_staleness}
 
     def _try_sample(self, consumer: str, w: _Waiting, staged: list) -> bool:
         res = self.store.sample(w.n, w.version, consumer, w.req)

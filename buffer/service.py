@@ -76,6 +76,10 @@ class BufferService(BufferRole):
         """Announce the learner's version (admission and staleness follow it)."""
         self._client.set_version(version)
 
+    def set_max_staleness(self, max_staleness: int) -> None:
+        """Set the staleness bound eta (buffer.max_staleness auto)."""
+        self._client.set_max_staleness(max_staleness)
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -29,6 +29,7 @@ from typing import Optional
 import msgspec
 
 from archer_async.config import BufferConfig
+from archer_async.staleness import initial_staleness
 from archer_async.types import GroupHeader, Reward
 from buffer.segment_log import LogCorruptError, SegmentLog
 from buffer.table import DropInfo, Entry, GroupMeta, Table, is_slim
@@ -160,7 +161,7 @@ class BufferStore:
     def __init__(self, log_dir: str | Path, bcfg: BufferConfig, batch_groups: int,
                  restore_state: Optional[dict] = None, readonly: bool = False):
         self.cfg = bcfg
-        self.table = Table(capacity=bcfg.capacity, max_staleness=bcfg.max_staleness,
+        self.table = Table(capacity=bcfg.capacity, max_staleness=initial_staleness(bcfg),
                            sampler=bcfg.sampler, max_reuse=bcfg.max_reuse,
                            filter_groups=bcfg.filter_groups, batch_groups=batch_groups,
                            seed=bcfg.sampler_seed)

@@ -18,7 +18,10 @@ leaves no run directory and no Ray process; a failure after the roles began star
 directory (logs/<role>.log, status.json "failed" with the error) for diagnosis.
 
 In `launch.mode: sync` the buffer's staleness bound is 0: actors generate exactly one batch per
-version, so generation and training alternate (the baseline of the asynchronous mode).
+version, so generation and training alternate (the baseline of the asynchronous mode). With
+`launch.policy_lag: k` the bound is k and the driver holds each weight sync until the actors have
+stored their batch, so the learner at version v trains on data of version v - k exactly
+(launch/policy_lag.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Callable, Collection, Optional
 from archer_async.config import Config, UserError, to_yaml
 from archer_async.metrics import MetricsWriter, write_run_status
 from archer_async.fsio import atomic_write_text, disk_full
+from archer_async.staleness import initial_staleness, is_auto, next_staleness
 from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
@@ -67,9 +71,11 @@ class Run:
         if cfg.launch.mode == "sync":
             # generate exactly one batch per weight version, then train on it: no overlap, no staleness
             cfg = cfg.model_copy(deep=True)
-            cfg.buffer.max_staleness = 0
+            # launch.policy_lag k: actors run k batches ahead, each batch on its own weight version
+            cfg.buffer.max_staleness = cfg.launch.policy_lag or 0
         self.cfg = cfg
         self.resume = resume
+        self.staleness_bound = initial_staleness(cfg.buffer)  # eta the buffer enforces (auto: moves)
         self.run_dir = Path(cfg.run_dir).resolve()
         self.hosts: dict[str, Any] = {}
         self.learners: list = []
@@ -223,11 +229,15 @@ class Run:
         for step in range(start_step + 1, total + 1):
             m = self._learners(lambda h: h.step_from_buffer(), what=f"training step {step}",
                                check=self._check_generation)[0]
+            if cfg.launch.mode == "sync" and cfg.launch.policy_lag:
+                self._hold_for_lag(version)  # the actors finish version `version`'s batch before new weights
             sync = self._sync_weights(int(m["version"]), serving=version)
             version = int(m["version"])
             if cfg.launch.mode == "sync":  # the next batch starts only now, on the new weights
                 wait(self.buffer.set_version(version), 60, "set_version", ["buffer"])
+            self._adapt_staleness(m)
             row = {**_scalars(m), "step": step, "version": version, "sync/seconds": sync["seconds"],
+                   "staleness/bound": self.staleness_bound,
                    "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
@@ -250,6 +260,35 @@ class Run:
                      f"({100 * (a1 - a0):+.1f} points)")
 
     # ------------------------------------------------------------------------------------------
+    def _adapt_staleness(self, m: dict) -> None:
+        """buffer.max_staleness auto (async mode): move the buffer's bound after this step's ESS and
+        mismatch KL (archer_async/staleness.py); every step's bound is logged as staleness/bound."""
+        if not is_auto(self.cfg.buffer) or self.cfg.launch.mode == "sync":
+            return
+        new = next_staleness(self.staleness_bound, float(m.get("is/ess", float("nan"))),
+                             float(m.get("is/mismatch_kl", float("nan"))), self.cfg.buffer)
+        if new != self.staleness_bound:
+            wait(self.buffer.set_max_staleness(new), 60, "set_max_staleness", ["buffer"])
+            log.info("staleness bound %d -> %d (is/ess %.4f, is/mismatch_kl %.5f)", self.staleness_bound, new,
+                     float(m.get("is/ess", float("nan"))), float(m.get("is/mismatch_kl", float("nan"))))
+            self.staleness_bound = new
+
+    def _hold_for_lag(self, version: int) -> None:
+        """launch.policy_lag: wait until the actors serving `version` have stored their whole batch
+        (launch/policy_lag.py), checking every 15 s that generation can still make progress."""
+        from launch.policy_lag import batch_complete
+
+        k, b = int(self.cfg.launch.policy_lag or 0), self.cfg.learner.batch_groups
+        next_check = time.monotonic() + 15.0
+        while True:
+            s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
+            if batch_complete(int(s["buffer/accepted"]), int(s["buffer/in_flight"]), version, k, b):
+                return
+            if time.monotonic() >= next_check:
+                self._check_generation()
+                next_check = time.monotonic() + 15.0
+            time.sleep(0.1)
+
     def _learners(self, call: Callable[[RoleHandle], Any], *, what: str, timeout: Optional[float] = None,
                   check: Optional[Callable[[], None]] = None) -> list:
         """`call(handle)` on every learner rank (one collective method) and wait; errors name the rank."""

@@ -23,6 +23,7 @@ generated from the weights after step k carry version k.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,7 +39,8 @@ from archer_async.advantages import filter_groups, group_advantages
 from archer_async.config import Config, UserError
 from archer_async.roles import LearnerRole
 from archer_async.loss import (
-    LossDenominators, entropy_from_logits, logprobs_from_logits, loss_denominators, merge_metrics, policy_loss,
+    LossDenominators, entropy_from_logits, logprobs_from_logits, loss_denominators, m2po_cutoff, merge_metrics,
+    policy_loss, squared_log_ratios,
 )
 from archer_async.types import TrajectoryGroup, decode_groups, encode_group, join_groups
 
@@ -178,6 +180,12 @@ class Learner(LearnerRole):
             return LossDenominators(tot[0], tot[1])
         return LossDenominators(*tot)
 
+    def _m2po_cutoff(self, mbs: list[MicroBatch], proxs: list[torch.Tensor]) -> float:
+        """m2po's cutoff over the whole mini-batch: every rank's micro-batches (one all-gather)."""
+        local = [squared_log_ratios(p, mb.behavior_logprobs, mb.response_mask).cpu() for mb, p in zip(mbs, proxs)]
+        every = [t for part in all_gather_objects(local) for t in part]
+        return m2po_cutoff(torch.cat(every) if every else torch.zeros(0), self.cfg.loss.m2po_tau)
+
     # ------------------------------------------------------------------------------------------
     # Training step
 
@@ -244,7 +252,9 @@ class Learner(LearnerRole):
             plans.append([collate(c, self.pad_id, dummy_row=rows[0]).to(self.device) for c in chunks])
         # pi_prox / pi_ref at the step's starting weights; with one mini-batch and one epoch the first
         # training forward runs at exactly these weights, so its detached log-probs are pi_prox.
-        reuse_prox = len(plans) == 1 and self.lcfg.ppo_epochs == 1
+        # m2po's mask needs pi_prox of the whole mini-batch before the first training forward.
+        m2po = self.cfg.loss.is_correction == "m2po"
+        reuse_prox = len(plans) == 1 and self.lcfg.ppo_epochs == 1 and not m2po
         need_ent_den = self.cfg.loss.loss_agg == "token-mean" and self.need_ref
         proxs, refs, ents0 = [], [], []
         for mbs in plans:
@@ -259,6 +269,7 @@ class Learner(LearnerRole):
                 refs.append([r[0] for r in self._no_grad_pass(self.ref_model, mbs, False)])
             else:
                 refs.append([None] * len(mbs))
+        cutoffs = [self._m2po_cutoff(mbs, proxs[i]) if m2po else None for i, mbs in enumerate(plans)]
         parts, norms, losses, applied_any = [], [], [], False
         for epoch in range(self.lcfg.ppo_epochs):
             for i, mbs in enumerate(plans):
@@ -267,6 +278,8 @@ class Learner(LearnerRole):
                     fresh = epoch == 0 and not applied_any
                     ents = ents0[i] if fresh else [r[1] for r in self._no_grad_pass(self.model, mbs, True)]
                 den = self._denominators(mbs, ents)
+                if m2po:
+                    den = dataclasses.replace(den, m2po_cutoff=cutoffs[i])
                 local = self.accumulate_gradients(mbs, proxs[i], refs[i], den)
                 merged_all = [m for m in all_gather_objects(merge_metrics(local) if local else None) if m]
                 merged = merge_metrics(merged_all)

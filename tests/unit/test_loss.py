@@ -280,7 +280,7 @@ def random_batch(seed, b=5, t=9, dtype=F64, spread=0.4):
     return [x.to(dtype) for x in (logp, prox, behav, ref, ent, adv)] + [mask]
 
 
-@pytest.mark.parametrize("mode", ["none", "token_tis", "token_mask"])
+@pytest.mark.parametrize("mode", ["none", "token_tis", "token_mask", "seq_tis", "geo_mask", "m2po"])
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 @pytest.mark.parametrize("dual", [10.0, None])
 def test_on_policy_equals_plain_archer(mode, agg, dual):
@@ -364,7 +364,7 @@ def _finite(loss, met, grad):
 
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
-@pytest.mark.parametrize("mode", ["none", "token_tis", "token_mask"])
+@pytest.mark.parametrize("mode", ["none", "token_tis", "token_mask", "seq_tis", "geo_mask", "m2po"])
 def test_no_nan_in_edge_cases(agg, mode):
     cfg = LossConfig(loss_agg=agg, is_correction=mode, kl_coef_high_entropy=0.01)
     b, t = 4, 6
