@@ -44,12 +44,15 @@ T0=$(date +%s)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-run() {  # run NAME SECONDS CMD...: one check with its own deadline; its output goes to the log
+run() {  # run NAME SECONDS CMD...: one check with its own deadline; its output goes to OUT/NAME.out and
+         # the log, its result (the JSON it prints last) to the screen too
   local name="$1" secs="$2"; shift 2
   local t=$(date +%s) rc
   say "== $name: $*"
-  timeout --kill-after=10 "$secs" "$@" >>"$LOG" 2>&1
+  timeout --kill-after=10 "$secs" "$@" >"$OUT/$name.out" 2>&1
   rc=$?
+  cat "$OUT/$name.out" >>"$LOG"
+  sed -n '/^{/,$p' "$OUT/$name.out" | grep -v '^\s*$' | tail -n 45
   if [ "$rc" = 0 ]; then say "== $name: PASS ($(( $(date +%s) - t )) s)"
   else
     FAILED=$((FAILED + 1))

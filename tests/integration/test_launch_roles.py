@@ -56,3 +56,19 @@ def test_start_up_failure_names_role_and_node_and_fails_fast(ray_local, tmp_path
     assert (tmp_path / "logs" / "learner0.log").is_file()  # one log per role, from its first moment
     for h in hosts.values():
         ray_local.kill(h)
+
+
+def test_a_role_without_gpus_sees_none_and_reports_no_gpu_ids(ray_local, tmp_path):
+    """Ray leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0: the role must set it empty itself."""
+    import os
+
+    from launch.roles import place
+
+    host = place("buffer", str(tmp_path), num_cpus=0.1, env={"X_ROLE": "1"})
+    try:
+        env = ray_local.get(host.__ray_call__.remote(
+            lambda self: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("X_ROLE"))), timeout=120)
+        assert env == ("", "1")
+        assert ray_local.get(host.gpu_ids.remote(), timeout=60) == []
+    finally:
+        ray_local.kill(host)
