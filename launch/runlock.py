@@ -26,54 +26,71 @@ class RunLocked(UserError):
     """Another live driver holds the run directory."""
 
 
-def _holder(fd: int) -> dict:
+def _holder(data: bytes) -> dict:
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        obj = json.loads(data or b"{}")
+        return obj if isinstance(obj, dict) else {}
+    except ValueError:
         return {}
+
+
+def _refusal(rd: Path, h: dict) -> RunLocked:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["started"])) if h.get("started") else "?"
+    return RunLocked(f"run_dir {str(rd)!r} is in use by a live driver: pid {h.get('pid', '?')} on host "
+                     f"{h.get('host', '?')} (since {since}); stop that driver first (Ctrl-C, or "
+                     f"`kill -TERM {h.get('pid', 'PID')}` on {h.get('host', 'its host')})")
 
 
 class RunLock:
     """The held lock of one run directory (`acquire`); `release` drops it (idempotent)."""
 
-    def __init__(self, run_dir: Path, fd: int, created_dir: bool, stale: dict):
+    def __init__(self, run_dir: Path, fd: int, created_dir: bool, created_file: bool, previous: bytes):
         self.run_dir, self.path = run_dir, run_dir / LOCK_NAME
         self._fd: Optional[int] = fd
         self.created_dir = created_dir
-        """True: the run directory did not exist before this lock (`release(cleanup=True)` removes it)."""
-        self.stale = stale
+        """True: the run directory did not exist before this lock."""
+        self.created_file = created_file
+        """True: the lock file did not exist before this lock."""
+        self._previous = previous
+        self.stale = _holder(previous)
         """What the file recorded of a previous driver that died holding the run ({} when none)."""
 
     @classmethod
     def acquire(cls, run_dir: str | os.PathLike) -> "RunLock":
         """Take the lock (creating the run directory); RunLocked naming the live holder otherwise."""
         rd = Path(run_dir).resolve()
-        created = not rd.exists()
-        try:
-            rd.mkdir(parents=True, exist_ok=True)
-            fd = os.open(rd / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"run_dir {str(rd)!r}: cannot create the run lock: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            h = _holder(fd)
+        path = rd / LOCK_NAME
+        created_dir = not rd.exists()
+        for _ in range(10):  # the file was unlinked under us (a driver that gave up at start-up): again
+            try:
+                rd.mkdir(parents=True, exist_ok=True)
+                created_file = not path.exists()
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"run_dir {str(rd)!r}: cannot create the run lock: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise _refusal(rd, holder) from None
+            except OSError as e:
+                os.close(fd)
+                raise UserError(f"{path}: cannot lock the run directory: {e.strerror or e}") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["started"])) if h.get("started") else "?"
-            raise RunLocked(
-                f"run_dir {str(rd)!r} is in use by a live driver: pid {h.get('pid', '?')} on host "
-                f"{h.get('host', '?')} (since {since}); stop that driver first (Ctrl-C, or "
-                f"`kill -TERM {h.get('pid', 'PID')}` on {h.get('host', 'its host')})") from None
-        except OSError as e:
-            os.close(fd)
-            raise UserError(f"{rd / LOCK_NAME}: cannot lock the run directory: {e.strerror or e}") from None
-        stale = _holder(fd)
+        else:
+            raise UserError(f"{path}: the run lock keeps being replaced; is another driver starting?")
+        previous = os.pread(fd, 4096, 0)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)
-        return cls(rd, fd, created, stale)
+        return cls(rd, fd, created_dir, created_file, previous)
 
     def stale_note(self) -> str:
         """One line about the dead driver whose lock was taken over ("" when there was none)."""
@@ -83,18 +100,20 @@ class RunLock:
                 f"{self.stale.get('host', '?')})")
 
     def release(self, cleanup: bool = False) -> None:
-        """Drop the lock. cleanup: the run never started; when this lock created the run directory,
-        remove the lock file and the directory (if nothing else is in it)."""
+        """Drop the lock. cleanup: the run never started, leave the directory as it was (the lock
+        file and the run directory removed when this lock created them, else the file's old bytes
+        put back)."""
         if self._fd is None:
             return
-        if cleanup and self.created_dir:
-            try:
-                self.path.unlink()
-                self.run_dir.rmdir()
-            except OSError:
-                pass
         try:
-            os.ftruncate(self._fd, 0)  # a clean exit: the next driver finds no holder to report
+            if cleanup and self.created_file:
+                self.path.unlink()  # while still locked: see the inode check in acquire
+                if self.created_dir:
+                    self.run_dir.rmdir()
+            else:
+                os.ftruncate(self._fd, 0)  # a clean exit: the next driver finds no holder to report
+                if cleanup and self._previous:
+                    os.pwrite(self._fd, self._previous, 0)
         except OSError:
             pass
         os.close(self._fd)  # closing the last descriptor drops the flock

@@ -71,10 +71,14 @@ def test_stale_lock_of_dead_driver_is_taken_over(tmp_path):
     again.release()
 
 
-def test_release_cleanup_removes_a_run_dir_it_created(tmp_path):
+def test_release_cleanup_leaves_the_directory_as_it_was(tmp_path):
     lock = RunLock.acquire(tmp_path / "new")
     lock.release(cleanup=True)
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
     RunLock.acquire(tmp_path / "old").release(cleanup=True)
-    assert (tmp_path / "old").is_dir()
+    assert (tmp_path / "old").is_dir() and not list((tmp_path / "old").iterdir())
+    stale = b'{"pid": 999999, "host": "elsewhere"}\n'
+    (tmp_path / "old" / LOCK_NAME).write_bytes(stale)
+    RunLock.acquire(tmp_path / "old").release(cleanup=True)  # a refused start keeps the record
+    assert (tmp_path / "old" / LOCK_NAME).read_bytes() == stale
