@@ -1,7 +1,8 @@
 """Fair admission over real ZMQ: four producers with identical speed that, like the rollout actor, ask
 for every free slot they have and pause after a refusal; the learner trains from the buffer. When
 admission binds (staleness bound), each producer must get a fair share of the trained groups, also when
-one producer re-asks in a tight loop instead of letting the buffer hold its request."""
+one producer re-asks at once after a refusal while the others pause (first come, first served gives
+that producer every slot the learner frees)."""
 
 import threading
 import time
@@ -35,7 +36,7 @@ def _producer(run_dir, k: int, version: list, stop: threading.Event, refused: Co
             timer = threading.Timer(max(0.0, min(pending) - now), wake.set) if pending else None
             if timer is not None:
                 timer.start()
-            granted = c.reserve(MAX_INFLIGHT - len(pending), timeout=40, wait_s=0.0 if greedy else 2.0, cancel=wake)
+            granted = c.reserve(MAX_INFLIGHT - len(pending), timeout=40, wait_s=2.0, cancel=wake)
             if timer is not None:
                 timer.cancel()
             if granted:
