@@ -184,7 +184,13 @@ class LearnerConfig(_Section):
     ppo_epochs: int = 1
     """Passes over each training step's batch."""
     micro_batch_size: int = 16
-    """Responses per forward/backward on one rank (gradient accumulation keeps the loss invariant)."""
+    """Responses per forward/backward on one rank (gradient accumulation keeps the loss invariant); unused when
+    max_tokens_per_micro_batch is set."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget (prompt + response tokens) of one forward/backward on one rank. Set: each rank's share of a
+    mini-batch is bin-packed longest first into micro-batches of at most this many tokens, and each micro-batch's
+    rows run as one packed sequence with no padding (each row attends only to itself). Must be at least
+    data.max_prompt_length + actors.max_response_length. None: micro_batch_size rows, right-padded."""
     lr: float = 5e-5
     """AdamW learning rate after warm-up."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -455,6 +461,11 @@ class Config(_Section):
                 raise ValueError(f"launch.policy_lag = {k}: (k + 1) * learner.batch_groups = "
                                  f"{(k + 1) * self.learner.batch_groups} groups must fit buffer.capacity = "
                                  f"{self.buffer.capacity}")
+        budget = self.learner.max_tokens_per_micro_batch
+        longest = self.data.max_prompt_length + self.actors.max_response_length
+        if budget is not None and budget < longest:
+            raise ValueError(f"learner.max_tokens_per_micro_batch = {budget}: must be at least "
+                             f"data.max_prompt_length + actors.max_response_length = {longest} (the longest row)")
         return self
 
 

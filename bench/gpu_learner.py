@@ -18,6 +18,16 @@ training 6 * N_body * s + 6 * L * d_attn * s^2 (causal attention fwd+bwd) + 6 * 
 the k kept positions); the reference model's forward adds a third of that (reported separately as
 `mfu_with_ref`). Peak: 989 TFLOP/s for H100 SXM / H200, 756 for H100 PCIe, 312 for A100, or --peak-tflops.
 Prints one JSON object.
+
+    python -m bench.gpu_learner --packing        # padded vs packed micro-batches, long-tailed lengths
+    python -m bench.gpu_learner --packing --tiny # the same on the tiny shape (CPU smoke test)
+
+`--packing` runs `packing_comparison_gpu`: the long-tailed comparison of `bench.bench_learner --packing`
+(log-normal responses of 64..8,192 tokens) on the Qwen2-1.5B shape in bf16 with activation checkpointing:
+padded `micro_batch_size` 1 and 4 against packed micro-batches of `--budget` tokens (varlen flash
+attention when flash-attn is installed). Per mode: tokens/s, padding fraction and peak GPU memory
+(torch.cuda.max_memory_allocated above the allocation before the timed steps). Prints one JSON line
+per mode, then the tokens/s ratios.
 """
 
 from __future__ import annotations
@@ -100,6 +110,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def packing_comparison_gpu(tiny: bool = False, budget: int = 16384, max_response: int = 8192, groups: int = 2,
+                           samples: int = 8, steps: int = 2, padded_micro_batch: tuple = (1, 4)) -> list[dict]:
+    """Padded vs packed micro-batches on one GPU (CPU with `tiny`); returns bench_learner's per-mode results."""
+    from bench.bench_learner import packing_comparison
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not tiny:
+        raise SystemExit("no CUDA device: run with --tiny for the CPU smoke test")
+    device = torch.device("cuda") if gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    shape = dict(TINY if tiny else QWEN2_1_5B)
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], budget)
+    modes = [{"kind": "padded", "micro_batch_size": m} for m in padded_micro_batch]
+    modes.append({"kind": "packed", "budget": budget})
+    with tempfile.TemporaryDirectory() as tmp:
+        mdir = build_model_dir(Path(tmp) / "model", shape, device, dtype)
+        results = packing_comparison(
+            modes, steps=steps, groups=groups, samples=samples, max_response=max_response, threads=1, gpu=gpu,
+            dtype="bfloat16" if gpu else "float32", activation_checkpointing=not tiny, model_path=mdir)
+    for r in results:
+        r["device"] = torch.cuda.get_device_name() if gpu else "cpu"
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="one-GPU learner step / weight-sync benchmark")
     ap.add_argument("--tiny", action="store_true", help="tiny model shape (CPU allowed)")
@@ -112,7 +146,20 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--no-send", action="store_true", help="skip the weight send (gather only)")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--packing", action="store_true", help="padded vs packed micro-batches (packing_comparison_gpu)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="--packing: learner.max_tokens_per_micro_batch (default 16384; 1024 with --tiny)")
     args = ap.parse_args()
+    if args.packing:
+        kw = dict(budget=args.budget or 1024, max_response=512, samples=4) if args.tiny else {}
+        if args.budget and not args.tiny:
+            kw["budget"] = args.budget
+        res = packing_comparison_gpu(tiny=args.tiny, steps=args.steps, **kw)
+        for r in res:
+            print(json.dumps(r), flush=True)
+        for r in res[:-1]:
+            print(json.dumps({"packed_vs": r["mode"], "tokens_per_s_ratio": round(res[-1]["tokens_per_s"] / r["tokens_per_s"], 2)}))
+        return
 
     from archer_async.config import Config
     from archer_async.weight_sync import make_sync_init

@@ -49,8 +49,26 @@ def resolve_model_path(model_path: Optional[str], cfg_path: Optional[str]) -> Pa
     return p
 
 
-def select_attn_implementation(requested: str, device: torch.device) -> str:
-    """`model.attn_implementation` -> transformers name: auto picks flash-attn on GPU when installed, else SDPA."""
+def select_attn_implementation(requested: str, device: torch.device, packed: bool = False) -> str:
+    """`model.attn_implementation` -> transformers name: auto picks flash-attn on GPU when installed, else SDPA.
+
+    `packed` (learner.max_tokens_per_micro_batch set): flash-attn runs packed sequences natively (varlen);
+    SDPA becomes learner.forward.VARLEN_SDPA (causal SDPA per packed row); eager cannot honour packing."""
+    attn = _select_attn(requested, device)
+    if not packed:
+        return attn
+    from .forward import FLASH_IMPLEMENTATIONS, VARLEN_SDPA, register_varlen_sdpa
+
+    if attn in FLASH_IMPLEMENTATIONS:
+        return attn
+    if attn == "sdpa":
+        register_varlen_sdpa()
+        return VARLEN_SDPA
+    raise UserError(f"model.attn_implementation={requested}: packed micro-batches (learner.max_tokens_per_micro_batch) "
+                    "need sdpa, flash_attention_2 or auto")
+
+
+def _select_attn(requested: str, device: torch.device) -> str:
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise UserError("model.attn_implementation=flash_attention_2 but flash_attn is not installed")
@@ -137,9 +155,11 @@ def build_policy_and_reference(
     attn_request: str,
     activation_checkpointing: bool,
     need_reference: bool,
+    packed: bool = False,
 ) -> tuple[nn.Module, Optional[nn.Module], str]:
-    """Load and shard the trainable policy and (optionally) a frozen reference copy; returns (policy, ref, attn)."""
-    attn = select_attn_implementation(attn_request, device)
+    """Load and shard the trainable policy and (optionally) a frozen reference copy; returns (policy, ref, attn).
+    `packed`: the micro-batches are packed sequences (see select_attn_implementation)."""
+    attn = select_attn_implementation(attn_request, device, packed)
     param_dtype = torch_dtype(dtype_name)
     reduce_dtype = torch_dtype(reduce_dtype_name)
     policy = load_causal_lm(path, attn, device)

@@ -45,11 +45,12 @@ from archer_async.loss import (
 from archer_async.types import TrajectoryGroup, decode_groups, encode_group, join_groups
 
 from . import checkpoint as ckpt
-from .batching import MicroBatch, TrainRow, collate, plan_micro_batches, select_response_logits, split_minibatches
+from .batching import MicroBatch, TrainRow, collate, collate_packed, computed_positions, plan_rank, split_minibatches
 from .distributed import (
     all_gather_objects, all_reduce_sum, broadcast_bytes, broadcast_object, init_process_group, pick_device,
 )
 from .export import export_hf
+from .forward import forward_micro_batch
 from .model import build_policy_and_reference, resolve_model_path, torch_dtype
 from .weights import drain, iter_full_weights
 
@@ -89,6 +90,7 @@ class Learner(LearnerRole):
         self.model, self.ref_model, self.attn_implementation = build_policy_and_reference(
             self.model_dir, self.mesh, self.device, cfg.model.dtype, self.lcfg.reduce_dtype,
             cfg.model.attn_implementation, self.lcfg.activation_checkpointing, self.need_ref,
+            packed=self.lcfg.max_tokens_per_micro_batch is not None,
         )
         self.param_dtype = torch_dtype(cfg.model.dtype)
         self.optimizer = torch.optim.AdamW(
@@ -149,18 +151,25 @@ class Learner(LearnerRole):
 
     def _forward(self, model: torch.nn.Module, mb: MicroBatch, need_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(log-probs [N, T] of the response tokens, entropies [N, T] or None) at the sampling temperature."""
-        out = model(input_ids=mb.input_ids, logits_to_keep=mb.logits_to_keep, use_cache=False)
-        logits = out.logits
-        if mb.input_ids.shape[0] == 1:  # one row: the response logits are a contiguous slice (no copy)
-            start = int(mb.gather_index[0, 0])
-            logits = logits[:, start:start + mb.gather_index.shape[1]]
-            if logits.shape[1] < mb.gather_index.shape[1]:
-                logits = select_response_logits(out.logits, mb.gather_index)
+        return forward_micro_batch(model, mb, self.temperature, need_entropy)
+
+    def plan(self, rows: list[TrainRow]) -> tuple[list[MicroBatch], int]:
+        """This rank's collated micro-batches of one mini-batch (on the device) and the positions every
+        rank's forward passes compute for it (padding included; the same number on every rank)."""
+        budget = self.lcfg.max_tokens_per_micro_batch
+        packed = budget is not None
+        computed = 0
+        mine: list[list[TrainRow]] = []
+        for r in range(self.world_size):
+            chunks = plan_rank(rows, r, self.world_size, self.lcfg.micro_batch_size, budget)
+            computed += computed_positions(chunks, packed, rows[0])
+            if r == self.rank:
+                mine = chunks
+        if packed:
+            mbs = [collate_packed(c, dummy_row=rows[0]) for c in mine]
         else:
-            logits = select_response_logits(logits, mb.gather_index)
-        logp = logprobs_from_logits(logits, mb.response_ids, self.temperature)
-        ent = entropy_from_logits(logits, self.temperature) if need_entropy else None
-        return logp, ent
+            mbs = [collate(c, self.pad_id, dummy_row=rows[0]) for c in mine]
+        return [mb.to(self.device) for mb in mbs], computed
 
     @torch.no_grad()
     def _no_grad_pass(self, model: torch.nn.Module, mbs: list[MicroBatch], need_entropy: bool) -> list[tuple]:
@@ -246,10 +255,11 @@ class Learner(LearnerRole):
         hist = stats.pop("_hist")
         n_mini = self.lcfg.batch_groups // self.lcfg.mini_batch_groups
         minibatches = split_minibatches(groups_rows, n_mini)
-        plans = []
-        for rows in minibatches:
-            chunks = plan_micro_batches(rows, self.rank, self.world_size, self.lcfg.micro_batch_size)
-            plans.append([collate(c, self.pad_id, dummy_row=rows[0]).to(self.device) for c in chunks])
+        plans, computed = [], 0
+        for rows in minibatches:  # pi_prox, pi_ref and the training passes all run these same micro-batches
+            mbs, n = self.plan(rows)
+            plans.append(mbs)
+            computed += n
         # pi_prox / pi_ref at the step's starting weights; with one mini-batch and one epoch the first
         # training forward runs at exactly these weights, so its detached log-probs are pi_prox.
         # m2po's mask needs pi_prox of the whole mini-batch before the first training forward.
@@ -305,6 +315,7 @@ class Learner(LearnerRole):
             "learner/skipped_steps": self.skipped_steps, "learner/updated": applied_any,
             "learner/wait_for_data_s": wait, "learner/step_s": elapsed,
             "learner/tokens": n_tokens, "learner/tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "learner/padding_fraction": 1.0 - n_tokens / (computed * self.lcfg.ppo_epochs) if computed else 0.0,
             "learner/samples": sum(len(g) for g in groups_rows), "staleness/hist": hist,
         })
         return out, groups
