@@ -84,6 +84,7 @@ def readme_commands(text: str) -> list[str]:
 
 def fill(command: str, values: dict[str, str]) -> str:
     """The command with `[...]` opened, `...` dropped and every placeholder replaced by its value."""
+    command = re.sub(r"\bruns/\d{8}-\d{6}/hf/step-\d+", values["PATH"], command)  # the final export
     command = re.sub(r"\bruns/\d{8}-\d{6}\b", values["RUN_DIR"], command)
     command = command.replace("[", " ").replace("]", " ").replace("...", " ")
     words = []
@@ -192,6 +193,9 @@ def test_every_readme_command_works_as_printed(tmp_path, shell):
     commands = readme_commands((ROOT / "README.md").read_text())
     assert commands[0] == QUICK_START
     values = _inputs(tmp_path)
+    # paths outside the repository that README examples write (e.g. /tmp/tiny-data): removed afterwards
+    litter = {Path(w) for c in commands for w in c.split() if w.startswith("/tmp/")}
+    litter = {p for p in litter if not p.exists()}
 
     # 1. the quick start, shortened by one override; its run directory is what every other command uses
     runs = ROOT / "runs"
@@ -242,6 +246,8 @@ def test_every_readme_command_works_as_printed(tmp_path, shell):
     finally:
         for d in new:
             shutil.rmtree(d, ignore_errors=True)
+        for p in litter:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _serve_then_ctrl_c(shell: Shell, line: str) -> None:
