@@ -262,3 +262,7 @@ class VLLMBackend:
             self.llm.shutdown()
         except Exception as e:  # shutting down must not hide the caller's outcome
             log.warning("vLLM shutdown: %s", e)
+        # AsyncLLM.__del__ shuts down again; run from the garbage collector at interpreter exit, when
+        # vLLM's module globals are already None, it prints "Exception ignored in ... TypeError".
+        # The engine is shut down now, so that second call has nothing left to do.
+        self.llm.shutdown = lambda *args, **kwargs: None

@@ -156,6 +156,13 @@ class RolloutActor(ActorRole):
     async def _create_engine(self, version: int):
         a = self.cfg.actors
         max_len = a.max_model_len or (self.cfg.data.max_prompt_length + a.max_response_length)
+        from archer_async.modelinfo import context_length
+
+        ctx = context_length(self.model_path)
+        if ctx is not None and max_len > ctx:  # vLLM refuses a max_model_len over the model's own
+            log.warning("%s: context length %d (prompt + response) exceeds the model's %d "
+                        "(max_position_embeddings); using %d", self.actor_id, max_len, ctx, ctx)
+            max_len = ctx
         args = dict(model_path=self.model_path, actors=a, sync=self.cfg.sync, seed=a.seed + self.index,
                     initial_version=version, max_model_len=max_len, dtype=self.cfg.model.dtype,
                     sync_init=self._sync_init)

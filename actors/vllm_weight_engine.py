@@ -38,6 +38,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+from actors import reload_log
 from actors.weight_receiver import WeightReceiver
 from archer_async.weight_sync import SyncInit
 
@@ -127,6 +128,9 @@ class ArcherWeightTransferEngine(WeightTransferEngine[ArcherInitInfo, ArcherUpda
         device = self.device if info.backend == "nccl" else torch.device("cpu")
         self.receiver = WeightReceiver(info, device=device, nccl_comm=comm)
         self.receiver.connect()
+        # vLLM's reload warns "Failed to load weights" for tied and buffer-only layers on every update
+        # of a healthy run; those lines only (actors/reload_log.py says why they are harmless) are dropped.
+        reload_log.install(self.model)
 
     def start_weight_update(self) -> None:
         if self.receiver is None:

@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="verl-format parquet / json / jsonl file")
     e.add_argument("--k", type=int, default=8, help="samples per problem (default 8)")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    e.add_argument("--max-tokens", type=int, default=512, help="max generated tokens (default 512)")
+    e.add_argument("--max-tokens", type=int, default=512, help="max generated tokens (default 512; lowered, with one line, to what fits the model's context length after the longest prompt)")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0: all)")
     e.add_argument("-o", "--output", default="", help="JSON report path (default: print only)")
+    e.add_argument("--verbose", action="store_true", help="show vLLM's own log lines (default: a log file, "
+                   "named only when the evaluation fails)")
 
     s = sub.add_parser("score", help="rewards for verl rows + a `response` field (JSONL in, JSONL out)")
     s.add_argument("input", metavar="INPUT.jsonl")

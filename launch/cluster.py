@@ -52,6 +52,12 @@ def preflight(cfg: Config, resume: bool) -> Preflight:
         raise UserError(f"model.path {str(model)!r}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     if not list(model.glob("*.safetensors")) and not list(model.glob("*.bin")):
         raise UserError(f"model.path {str(model)!r}: no weights (*.safetensors or *.bin)")
+    from archer_async.modelinfo import context_length
+
+    ctx = context_length(model)
+    if ctx is not None and cfg.data.max_prompt_length >= ctx:
+        raise UserError(f"data.max_prompt_length {cfg.data.max_prompt_length} leaves no room to generate within "
+                        f"the model's context length {ctx} (max_position_embeddings in {cfg_file})")
     from rewards import check_row
 
     train_rows, eval_rows = default_datasets(cfg.data, check=check_row)  # every row gradable, or DataError
@@ -132,11 +138,22 @@ def required_resources(cfg: Config) -> dict[str, float]:
     return need
 
 
+class _RayAuthDefaultFilter(logging.Filter):
+    """Drops Ray's notice that a new local cluster uses token authentication (Ray's secure default,
+    nothing to act on) from the terminal; its warning that authentication is disabled still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
 def start_ray(cfg: Config, pre: Preflight) -> None:
     """Join launch.ray_address or start a local cluster; fail (and leave nothing running) if the roles
     cannot fit the cluster's resources."""
     import ray
 
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _RayAuthDefaultFilter) for f in auth_log.filters):
+        auth_log.addFilter(_RayAuthDefaultFilter())
     need = required_resources(cfg)
     # The first failure of a collective call is reported in one line; the same error from the other
     # ranks would otherwise print each whole remote traceback at exit (they are in logs/<role>.log).

@@ -7,7 +7,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-VENV="$ROOT/.venv"
+VENV="${ARCHER_VENV:-$ROOT/.venv}"  # ARCHER_VENV: an existing environment to use instead
 PY="${PYTHON:-python3}"
 
 need_setup() {

@@ -108,6 +108,8 @@ class Run:
         except BaseException:
             lock.release(cleanup=True)
             raise
+        if self.resume and self._finished(pre):
+            return 0
         old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
         # cluster (or is interrupted here) leaves no run directory and no Ray process behind.
@@ -202,6 +204,17 @@ class Run:
             log.info("%s on %s", role, node)
         self._write_pids()
         _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
+
+    def _finished(self, pre: "cluster.Preflight") -> bool:
+        """A resume of a run whose last checkpoint is its final step and whose final export exists: says
+        so, and nothing starts (a run stopped between its last checkpoint and export does resume)."""
+        step, total = int(pre.restore["step"]), self.cfg.learner.total_steps
+        if step < total or not (self.run_dir / "hf" / f"step-{step}" / "config.json").is_file():
+            return False
+        _console(f"the run is complete: step {step} of learner.total_steps={total}, exported to "
+                 f"{self.run_dir / 'hf' / f'step-{step}'}; `archer-async resume {self.cfg.run_dir} "
+                 f"learner.total_steps=N` trains on to step N")
+        return True
 
     # ------------------------------------------------------------------------------------------
     def _loop(self, pre: "cluster.Preflight") -> None:

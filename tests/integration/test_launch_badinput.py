@@ -78,3 +78,10 @@ def test_unreachable_ray_address(tmp_path, run_bad):
     rc, lines, left = run_bad(["train", f"run_dir={run_dir}", "launch.ray_address=127.0.0.1:9"], "addr")
     _assert_one_clear_error(rc, lines, left, "launch.ray_address", "127.0.0.1:9")
     assert not run_dir.exists()
+
+
+def test_prompt_length_that_fills_the_models_context(tmp_path, run_bad):
+    run_dir = tmp_path / "run"
+    rc, lines, left = run_bad(["train", f"run_dir={run_dir}", "data.max_prompt_length=512"], "ctx")
+    _assert_one_clear_error(rc, lines, left, "data.max_prompt_length 512", "context length 512")
+    assert not run_dir.exists()
