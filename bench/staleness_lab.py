@@ -68,6 +68,12 @@ def grid(variants: list[str], lags: list[int], seeds: list[int]) -> list[tuple[s
     return out
 
 
+def settings(args) -> dict:
+    """The settings a finished run must share with the current invocation to be reused."""
+    return {k: getattr(args, k) for k in ("steps", "groups", "n", "lr", "max_new_tokens", "eval_problems",
+                                          "eval_every")}
+
+
 def run_name(variant: str, lag: int, seed: int) -> str:
     return f"{variant}-k{lag}-s{seed}"
 
@@ -204,8 +210,7 @@ def run_one(variant: str, lag: int, seed: int, args, pool, train, evals) -> dict
               f"{rec['reward_mean']:.3f} ess {rec.get('ess', float('nan')):.3f} "
               f"gn {rec.get('grad_norm', float('nan')):.3f}", flush=True)
     return {"variant": variant, "lag": lag, "seed": seed, "loss": loss_settings(variant),
-            "settings": {k: getattr(args, k) for k in ("steps", "groups", "n", "lr", "max_new_tokens",
-                                                       "eval_problems", "eval_every")},
+            "settings": settings(args),
             "steps": steps, "evals": evals_out, "final_accuracy": evals_out[-1]["accuracy"],
             "wall_s": time.perf_counter() - t0}
 
@@ -310,6 +315,9 @@ def main() -> None:
         for variant, lag, seed in todo:
             path = out / "runs" / f"{run_name(variant, lag, seed)}.json"
             if path.exists():
+                done = json.loads(path.read_text())["settings"]
+                if done != settings(args):
+                    raise SystemExit(f"{path}: finished with other settings {done}; use another --out")
                 print(f"{path.name}: done before, skipped", flush=True)
                 continue
             res = run_one(variant, lag, seed, args, pool, train, evals)
