@@ -322,6 +322,10 @@ class LaunchConfig(_Section):
     """CPUs of the local Ray cluster (None: Ray detects)."""
     startup_timeout_s: float = Field(300.0, gt=0)
     """Deadline for every role to start and for collective set-up; the error names the role and node."""
+    no_progress_timeout_s: float = Field(600.0, ge=0)
+    """No-progress watchdog: stop the run (naming the cause) when for this long no group reached the
+    buffer while actors kept producing groups that were all filtered or stale, or prompts that were all
+    skipped as too long. 0 disables."""
     eval_every: int = Field(20, ge=0)
     """Held-out evaluation every this many steps (and at start and end); 0 disables."""
     eval_k: int = Field(4, ge=1)
