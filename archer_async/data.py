@@ -89,7 +89,7 @@ def _parse_json(text: str, where: str) -> Any:
     except RecursionError:
         raise DataError(f"{where}: invalid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        raise DataError(f"{where}: invalid JSON: {str(e).splitlines()[0]}") from None
+        raise DataError(f"{where}: invalid JSON: {str(e).split(';')[0]}") from None
 
 
 def _read_json(p: Path, check=None) -> list[dict]:
@@ -104,7 +104,7 @@ def _read_json(p: Path, check=None) -> list[dict]:
     except RecursionError:
         raise DataError(f"{p}: invalid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer past Python's 4,300-digit conversion limit
-        raise DataError(f"{p}: invalid JSON: {str(e).splitlines()[0]}") from None
+        raise DataError(f"{p}: invalid JSON: {str(e).split(';')[0]}") from None
     if not isinstance(data, list):
         raise DataError(f"{p}: a JSON data file must hold a list of rows, got {type(data).__name__}")
     return [_check_row(obj, f"{p}: row {i}", check) for i, obj in enumerate(data)]

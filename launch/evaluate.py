@@ -9,6 +9,7 @@ as JSON (atomically).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from archer_async import roles
-from archer_async.config import Config, UserError
+from archer_async.config import UserError, build_config
 from launch.evaluation import summarize
 from archer_async.fsio import atomic_write_text
 
@@ -36,7 +37,11 @@ def eval_main(args) -> int:
         rows = rows[: args.limit]
     if not rows:
         raise UserError(f"--data {args.data!r}: no rows")
-    cfg = Config.model_validate({
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    cfg = build_config({
         "model": {"path": str(model)},
         "data": {"train_files": [args.data], "eval_files": [args.data], "shuffle": False},
         "actors": {"num_actors": 1, "max_response_length": args.max_tokens, "eval_temperature": args.temperature},
