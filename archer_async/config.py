@@ -153,7 +153,7 @@ class BufferConfig(_Section):
     direct_io: bool = True
     """With fsync: write the log with O_DIRECT, past the page cache (each group commit padded to a 4 KiB
     boundary). Where the filesystem refuses it (e.g. tmpfs) the buffer warns and writes buffered."""
-    segment_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    segment_bytes: int = Field(64 * 1024 * 1024, ge=1)
     """Segment files are sealed and a new one started beyond this size."""
     host: str = "127.0.0.1"
     """Address the buffer's sockets bind to. Keep loopback unless actors run on other nodes."""
