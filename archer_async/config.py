@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
+
+import annotated_types as _at
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,7 +31,31 @@ class ConfigError(UserError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: NaN and +-inf are refused for every float setting, naming the key.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+
+_BOUNDS = ((_at.Ge, "ge", ">=", lambda v, b: v >= b), (_at.Gt, "gt", ">", lambda v, b: v > b),
+           (_at.Le, "le", "<=", lambda v, b: v <= b), (_at.Lt, "lt", "<", lambda v, b: v < b))
+
+
+def range_problems(section: BaseModel) -> list[tuple[str, str]]:
+    """(field, "value: must be OP bound") for every numeric field of `section` outside its Field bounds
+    or not finite: the same bounds pydantic enforces at parse time, read from the fields themselves."""
+    out = []
+    for name, info in type(section).model_fields.items():
+        v = getattr(section, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v or v in (float("inf"), float("-inf")):
+            out.append((name, f"{v!r}: must be a finite number"))
+            continue
+        for meta in info.metadata:
+            for cls, attr, op, ok in _BOUNDS:
+                if isinstance(meta, cls) and not ok(v, getattr(meta, attr)):
+                    out.append((name, f"{v!r}: must be {op} {getattr(meta, attr)}"))
+    return out
 
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
@@ -55,58 +81,58 @@ class DataConfig(_Section):
     """verl-format training files (parquet, json, jsonl). Empty: the embedded tiny task data."""
     eval_files: list[str] = []
     """verl-format held-out files. Empty: the embedded tiny held-out split."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = Field(256, ge=1)
     """Prompts longer than this many tokens are skipped (counted in the actor log)."""
     shuffle: bool = True
     """Shuffle the prompt stream (seeded; each pass over the data reshuffles)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed of the prompt order and of the embedded tiny data generator."""
-    tiny_num_train: int = 2000
+    tiny_num_train: int = Field(2000, ge=1)
     """Embedded tiny data: number of training problems generated."""
-    tiny_num_eval: int = 200
+    tiny_num_eval: int = Field(200, ge=1)
     """Embedded tiny data: number of held-out problems generated."""
 
 
 class ActorsConfig(_Section):
-    num_actors: int = 2
+    num_actors: int = Field(2, ge=1)
     """Number of rollout actors (one inference engine each)."""
     backend: Literal["vllm", "transformers"] = "vllm"
     """Inference backend. transformers exists only for machines where vLLM cannot run."""
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float = Field(0.0, ge=0)
     """GPUs each actor requests from Ray (0 on CPU)."""
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = Field(1.0, ge=0)
     """CPUs each actor requests from Ray."""
     node_label: Optional[str] = None
     """Ray custom resource an actor's node must have (e.g. "actor_node"); None: anywhere."""
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = Field(8, ge=1)
     """n: responses sampled per prompt (one group)."""
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
     """Training sampling temperature T (also used to scale logits for entropy and log-probs)."""
-    top_p: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold for training rollouts."""
-    max_response_length: int = 64
+    max_response_length: int = Field(64, ge=1)
     """Maximum generated tokens per response."""
-    eval_temperature: float = 0.8
+    eval_temperature: float = Field(0.8, ge=0)
     """Sampling temperature of held-out evaluation."""
-    eval_top_p: float = 1.0
+    eval_top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus threshold of held-out evaluation."""
     inflight_update: Literal["keep", "abort"] = "keep"
     """In-flight weight update: keep the KV cache and continue, or abort and re-submit the prefix."""
-    gpu_memory_utilization: float = 0.2
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     """vLLM memory fraction (CPU memory on CPU, where it must stay <= 0.3)."""
-    max_num_seqs: int = 64
+    max_num_seqs: int = Field(64, ge=1)
     """vLLM maximum concurrent sequences per engine."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Base sampling seed; actor i uses seed + i."""
-    max_inflight_prompts: int = 16
+    max_inflight_prompts: int = Field(16, ge=1)
     """Prompts (groups) one actor generates concurrently, within what the buffer's admission grants."""
     enforce_eager: Optional[bool] = None
     """vLLM eager mode (no torch.compile). None: eager on CPU (start-up in seconds), compiled on GPU."""
-    max_model_len: Optional[int] = None
+    max_model_len: Optional[int] = Field(None, ge=2)
     """vLLM context length (prompt + response). None: data.max_prompt_length + max_response_length."""
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = Field(1.0, gt=0)
     """CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE) when the environment does not set it."""
-    admission_poll_s: float = 0.25
+    admission_poll_s: float = Field(0.25, gt=0, le=60)
     """Pause before asking again after an admission request failed (buffer unreachable or restarting)."""
     admission_wait_s: float = Field(5.0, gt=0)
     """How long the buffer may hold an actor's refused admission request: it answers as soon as slots
@@ -115,26 +141,26 @@ class ActorsConfig(_Section):
 
 
 class BufferConfig(_Section):
-    capacity: int = 256
+    capacity: int = Field(256, ge=1)
     """Maximum groups held (not yet consumed). When full, producers wait; nothing is dropped."""
-    max_staleness: Union[int, Literal["auto"]] = 4
+    max_staleness: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = 4
     """eta: a group may be trained at version v only if every token's version >= v - eta. "auto": eta
     starts at auto_max_staleness and follows the learner's measured ESS and mismatch KL after every
     step (halved when they degrade, +1 when they are healthy, within [auto_min_staleness,
     auto_max_staleness]; archer_async/staleness.py), logged as staleness/bound."""
-    auto_min_staleness: int = 1
+    auto_min_staleness: int = Field(1, ge=0)
     """Lower bound of eta under max_staleness auto."""
-    auto_max_staleness: int = 8
+    auto_max_staleness: int = Field(8, ge=0)
     """Upper bound (and starting value) of eta under max_staleness auto."""
-    auto_ess_low: float = 0.8
+    auto_ess_low: float = Field(0.8, ge=0, le=1)
     """auto: a step with is/ess below this tightens eta (halves it)."""
-    auto_ess_high: float = 0.95
+    auto_ess_high: float = Field(0.95, ge=0, le=1)
     """auto: eta relaxes (+1) only after a step with is/ess at or above this..."""
-    auto_kl_high: float = 0.02
+    auto_kl_high: float = Field(0.02, gt=0)
     """auto: a step with is/mismatch_kl above this tightens eta; eta relaxes only at or below half of it."""
     sampler: Literal["oldest", "uniform"] = "oldest"
     """Which ready groups a sample request returns: oldest-first or uniform at random."""
-    max_reuse: int = 1
+    max_reuse: int = Field(1, ge=1)
     """How many times one group may be delivered for training (1: each sample trained once)."""
     filter_groups: bool = True
     """Drop groups whose rewards are all equal (no signal) or that hold an infra-error reward before
@@ -144,22 +170,22 @@ class BufferConfig(_Section):
     direct_io: bool = True
     """With fsync: write the log with O_DIRECT, past the page cache (each group commit padded to a 4 KiB
     boundary). Where the filesystem refuses it (e.g. tmpfs) the buffer warns and writes buffered."""
-    segment_bytes: int = 64 * 1024 * 1024
+    segment_bytes: int = Field(64 * 1024 * 1024, ge=1)
     """Segment files are sealed and a new one started beyond this size."""
     host: str = "127.0.0.1"
     """Address the buffer's sockets bind to. Keep loopback unless actors run on other nodes."""
-    port: int = 0
+    port: int = Field(0, ge=0, le=65535)
     """First port of the buffer's sockets; 0 picks free ports."""
     node_label: Optional[str] = None
     """Ray custom resource the buffer's node must have; None: anywhere."""
-    admission_batch_groups: Optional[int] = None
+    admission_batch_groups: Optional[int] = Field(None, ge=1)
     """Groups per training step in the admission rule (accepted + in flight) < (eta + v + 1) * this.
     None: learner.batch_groups (8 when the buffer is started with its own section only)."""
-    sampler_seed: int = 0
+    sampler_seed: int = Field(0, ge=0)
     """Seed of the uniform sampler."""
-    max_message_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     """Largest ZMQ message the buffer accepts; bigger ones are refused by the socket."""
-    max_commit_batch: int = 512
+    max_commit_batch: int = Field(512, ge=1)
     """Most ingest messages appended per group commit (one fsync per batch)."""
     verify_payload: bool = False
     """Decode every ingested group's msgpack and check it against the producer's header (ids,
@@ -169,47 +195,47 @@ class BufferConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    num_ranks: int = 2
+    num_ranks: int = Field(2, ge=1)
     """FSDP2 world size of the learner."""
-    gpus_per_rank: float = 0.0
+    gpus_per_rank: float = Field(0.0, ge=0)
     """GPUs each learner rank requests (0 on CPU: gloo; 1 on GPU: NCCL)."""
-    cpus_per_rank: float = 1.0
+    cpus_per_rank: float = Field(1.0, ge=0)
     """CPUs each learner rank requests from Ray (on CPU also the rank's torch thread count)."""
     node_label: Optional[str] = None
     """Ray custom resource the learner's nodes must have; None: anywhere."""
-    batch_groups: int = 16
+    batch_groups: int = Field(16, ge=1)
     """Groups (prompts) per training step."""
-    mini_batch_groups: int = 16
+    mini_batch_groups: int = Field(16, ge=1)
     """Groups per optimizer step; batch_groups / mini_batch_groups optimizer steps per training step."""
-    ppo_epochs: int = 1
+    ppo_epochs: int = Field(1, ge=1)
     """Passes over each training step's batch."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = Field(16, ge=1)
     """Responses per forward/backward on one rank (gradient accumulation keeps the loss invariant); unused when
     max_tokens_per_micro_batch is set."""
-    max_tokens_per_micro_batch: Optional[int] = None
+    max_tokens_per_micro_batch: Optional[int] = Field(None, ge=2)
     """Token budget (prompt + response tokens) of one forward/backward on one rank. Set: each rank's share of a
     mini-batch is bin-packed longest first into micro-batches of at most this many tokens, and each micro-batch's
     rows run as one packed sequence with no padding (each row attends only to itself). Must be at least
     data.max_prompt_length + actors.max_response_length. None: micro_batch_size rows, right-padded."""
-    lr: float = 5e-5
+    lr: float = Field(5e-5, gt=0, le=1)
     """AdamW learning rate after warm-up."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     """AdamW betas."""
-    weight_decay: float = 0.1
+    weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, gt=0)
     """Global gradient-norm clip; a step whose norm is not finite is skipped."""
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Linear warm-up optimizer steps, then constant."""
-    total_steps: int = 80
+    total_steps: int = Field(80, ge=1)
     """Training steps of the run."""
     activation_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """FSDP gradient reduction dtype."""
-    checkpoint_every: int = 10
+    checkpoint_every: int = Field(10, ge=1)
     """Save a checkpoint every this many steps (and at the end)."""
-    export_hf_every: int = 0
+    export_hf_every: int = Field(0, ge=0)
     """Export hf/step-N every this many steps during the run; 0: only at the end (the last step is always exported)."""
     keep_checkpoints: int = Field(3, ge=0)
     """Keep the newest this many complete checkpoints (never the one `latest` names, never one being
@@ -219,28 +245,28 @@ class LearnerConfig(_Section):
     0: keep all."""
     deterministic: bool = False
     """torch deterministic algorithms (bitwise-reproducible resume on CPU)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Learner seed."""
 
 
 class LossConfig(_Section):
     """The objective of docs/algorithm.md; names and defaults are part of the contract."""
 
-    entropy_quantile: float = 0.8
+    entropy_quantile: float = Field(0.8, ge=0, le=1)
     """q: per-response entropy quantile splitting high- (reasoning) from low-entropy (knowledge) tokens."""
-    low_entropy_clip_ratio_low: float = 0.2
+    low_entropy_clip_ratio_low: float = Field(0.2, ge=0, lt=1)
     """epsilon_low of the PPO clip on low-entropy tokens."""
-    low_entropy_clip_ratio_high: float = 0.2
+    low_entropy_clip_ratio_high: float = Field(0.2, ge=0)
     """epsilon_high of the PPO clip on low-entropy tokens."""
-    high_entropy_clip_ratio_low: float = 0.5
+    high_entropy_clip_ratio_low: float = Field(0.5, ge=0, lt=1)
     """epsilon_low of the PPO clip on high-entropy tokens."""
-    high_entropy_clip_ratio_high: float = 0.5
+    high_entropy_clip_ratio_high: float = Field(0.5, ge=0)
     """epsilon_high of the PPO clip on high-entropy tokens."""
-    dual_clip_c: Optional[float] = 10.0
+    dual_clip_c: Optional[float] = Field(10.0, gt=1)
     """Dual-clip bound c for negative advantages; None disables."""
-    kl_coef_low_entropy: float = 0.001
+    kl_coef_low_entropy: float = Field(0.001, ge=0)
     """Coefficient of the k3 KL to the reference on low-entropy tokens."""
-    kl_coef_high_entropy: float = 0.0
+    kl_coef_high_entropy: float = Field(0.0, ge=0)
     """Coefficient of the k3 KL to the reference on high-entropy tokens."""
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """Aggregation: mean over each response's tokens then over responses, or one mean over all tokens."""
@@ -250,48 +276,25 @@ class LossConfig(_Section):
     capped at seq_is_cap, on every token of the response), geo_mask (weight 1, a response whose geometric-
     mean rho lies outside [geo_mask_low, geo_mask_high] gets 0), m2po (rho, except the tokens with the
     largest (log rho)^2 get 0 until the mini-batch's mean (log rho)^2 is <= m2po_tau), none (1)."""
-    is_cap: float = 2.0
+    is_cap: float = Field(2.0, ge=1)
     """Truncation cap of token_tis."""
-    is_mask_low: float = 0.5
+    is_mask_low: float = Field(0.5, ge=0, le=1)
     """Lower bound of the token_mask band."""
-    is_mask_high: float = 2.0
+    is_mask_high: float = Field(2.0, ge=1)
     """Upper bound of the token_mask band."""
-    seq_is_cap: float = 2.0
+    seq_is_cap: float = Field(2.0, ge=1)
     """Truncation cap of seq_tis (on the response's ratio exp(sum of log rho))."""
-    geo_mask_low: float = 0.9
+    geo_mask_low: float = Field(0.9, ge=0, le=1)
     """Lower bound of geo_mask on the response's geometric-mean ratio exp(mean of log rho)."""
-    geo_mask_high: float = 1.1
+    geo_mask_high: float = Field(1.1, ge=1)
     """Upper bound of geo_mask on the response's geometric-mean ratio."""
-    m2po_tau: float = 0.04
+    m2po_tau: float = Field(0.04, gt=0)
     """m2po's bound on the mini-batch's mean (log rho)^2 over the tokens it keeps (M2PO's tau_M2)."""
 
     def problems(self) -> list[tuple[str, str]]:
-        """(key, what is wrong) for every setting outside its meaningful range."""
-        checks = [
-            (0.0 <= self.entropy_quantile <= 1.0, "entropy_quantile", "must lie in [0, 1]"),
-            (0.0 <= self.low_entropy_clip_ratio_low < 1.0, "low_entropy_clip_ratio_low", "must lie in [0, 1)"),
-            (0.0 <= self.high_entropy_clip_ratio_low < 1.0, "high_entropy_clip_ratio_low", "must lie in [0, 1)"),
-            (self.low_entropy_clip_ratio_high >= 0.0, "low_entropy_clip_ratio_high", "must be >= 0"),
-            (self.high_entropy_clip_ratio_high >= 0.0, "high_entropy_clip_ratio_high", "must be >= 0"),
-            (self.dual_clip_c is None or self.dual_clip_c > 1.0, "dual_clip_c", "must be > 1 or null"),
-            (self.kl_coef_low_entropy >= 0.0, "kl_coef_low_entropy", "must be >= 0"),
-            (self.kl_coef_high_entropy >= 0.0, "kl_coef_high_entropy", "must be >= 0"),
-            (self.is_cap >= 1.0, "is_cap", "must be >= 1 (so on-policy tokens keep weight 1)"),
-            (0.0 <= self.is_mask_low <= 1.0, "is_mask_low", "must lie in [0, 1]"),
-            (self.is_mask_high >= 1.0, "is_mask_high", "must be >= 1"),
-            (self.seq_is_cap >= 1.0, "seq_is_cap", "must be >= 1 (so on-policy responses keep weight 1)"),
-            (0.0 <= self.geo_mask_low <= 1.0, "geo_mask_low", "must lie in [0, 1]"),
-            (self.geo_mask_high >= 1.0, "geo_mask_high", "must be >= 1"),
-            (self.m2po_tau > 0.0, "m2po_tau", "must be > 0"),
-        ]
-        return [(key, f"{getattr(self, key)!r}: {msg}") for ok, key, msg in checks if not ok]
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> "LossConfig":
-        bad = self.problems()
-        if bad:
-            raise ValueError("; ".join(f"{k} = {m}" for k, m in bad))
-        return self
+        """(key, what is wrong) for every setting outside its Field bounds (for a config built without
+        validation, e.g. `model_construct`; a validated one has none)."""
+        return range_problems(self)
 
 
 class RewardsConfig(_Section):
@@ -300,35 +303,35 @@ class RewardsConfig(_Section):
     per functional run, `prlimit --as` 1 GiB, 16 sampled tests; LiveCodeBench rows: LiveCodeBench's
     own 6 s per test), so a slow but correct solution scores as it does there."""
 
-    workers: int = 2
+    workers: int = Field(2, ge=1)
     """Reward worker threads: samples graded in parallel (each runs its own sandboxes and math verifier)."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
     """bwrap: every program in a fresh bubblewrap sandbox. none: trusted data only (warns every run)."""
-    timeout_s: float = 30.0
+    timeout_s: float = Field(30.0, gt=0)
     """Wall-clock limit of one stdin/stdout test (and of one call of a TACO / PrimeIntellect call-based
     row); the sandbox is SIGKILLed past it. 30 s: Archer's code_exec timeout."""
-    functional_timeout_s: float = 60.0
+    functional_timeout_s: float = Field(60.0, gt=0)
     """Wall-clock limit of one functional run (all of a problem's test code). 60 s: Archer's."""
-    lcb_timeout_s: float = 6.0
+    lcb_timeout_s: float = Field(6.0, gt=0)
     """Limit of one LiveCodeBench test (stdin or call), enforced test by test as LiveCodeBench's own
     evaluation does (its --timeout default, 6 s; Archer's copy of that grader allows 150 s)."""
-    cpu_time_s: Optional[int] = None
+    cpu_time_s: Optional[int] = Field(None, ge=1)
     """RLIMIT_CPU of one program run; None: the run's wall-clock limit rounded up (only the wall clock binds)."""
-    memory_mb: int = 1024
+    memory_mb: int = Field(1024, ge=16)
     """RLIMIT_AS of each process of a run, in MiB. 1024: Archer's `prlimit --as=1073741824`."""
-    max_output_bytes: int = 1_000_000
+    max_output_bytes: int = Field(1_000_000, ge=1)
     """Output kept per program run; more is a fail."""
-    max_tests_per_problem: int = 16
+    max_tests_per_problem: int = Field(16, ge=1)
     """Tests sampled per stdin or call-based problem in training (evaluation runs all; LiveCodeBench rows
     always run all). 16: Archer's max_test_case_num."""
-    math_timeout_s: float = 20.0
+    math_timeout_s: float = Field(20.0, gt=0)
     """Deadline of one math verification (the verifier process is killed past it: status timeout). Inside
     it Archer's own limits apply (5 s to parse, 5 s to verify); this bounds sympy, which has none."""
-    max_processes: int = 32
+    max_processes: int = Field(32, ge=1)
     """RLIMIT_NPROC of one program run (processes and threads of one sandbox uid)."""
-    max_open_files: int = 64
+    max_open_files: int = Field(64, ge=4)
     """RLIMIT_NOFILE of one program run."""
-    workdir_mb: int = 64
+    workdir_mb: int = Field(64, ge=1)
     """Size of the sandbox's in-memory work dir (/tmp) and RLIMIT_FSIZE of one program run."""
     sandbox_packages: list[str] = ["numpy", "pandas"]
     """Installed packages (import names) visible read-only inside the sandbox, with what they require:
@@ -340,16 +343,16 @@ class SyncConfig(_Section):
     """Weight-transfer backend. auto: NCCL when learner rank 0 and every actor have GPUs of their own;
     host memory (gloo) when any of them has no GPU or two of them share one (decided from the GPUs' UUIDs
     after placement, e.g. single_gpu.yaml). nccl on a shared GPU is a configuration error."""
-    bucket_mb: int = 256
+    bucket_mb: int = Field(256, ge=1)
     """Weights are gathered and sent in buckets of at most this many MiB."""
-    timeout_s: float = 120.0
+    timeout_s: float = Field(120.0, gt=0)
     """Deadline of one weight update; past it the update is aborted and actors keep the old version."""
     host: str = ""
     """Address learner rank 0's rendezvous stores listen on, and only there (the weight transfer's and
     the learner process group's torch TCPStores; they are not authenticated, keep them off untrusted
     networks); must be reachable from every learner and actor node. Empty: 127.0.0.1 when the run
     starts its own local Ray cluster, else learner rank 0's node IP."""
-    store_port: int = 0
+    store_port: int = Field(0, ge=0, le=65535)
     """TCPStore port of the transfer group on learner rank 0's node; 0 picks a free one at launch."""
     staged: bool = True
     """Receive a whole update before loading it (a failed transfer leaves the old weights serving;
@@ -359,22 +362,26 @@ class SyncConfig(_Section):
 class LaunchConfig(_Section):
     mode: Literal["async", "sync"] = "async"
     """async: actors generate while the learner trains. sync: generate a batch, train, sync, repeat."""
-    policy_lag: Optional[int] = None
+    policy_lag: Optional[int] = Field(None, ge=0)
     """Sync mode only: train on data exactly k weight versions old (after the first k steps, which train
     on version-0 data): the learner at version v trains on groups generated by version v - k, and the
     actors generate one batch per version, held until it is complete. None or 0: plain sync (k = 0).
     Needs buffer.sampler oldest, buffer.max_reuse 1 and (k + 1) * learner.batch_groups <= buffer.capacity."""
     ray_address: Optional[str] = None
     """Ray cluster to join ("auto" or host:port); None starts a local cluster."""
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = Field(None, ge=1)
     """CPUs of the local Ray cluster (None: Ray detects)."""
-    startup_timeout_s: float = 300.0
+    startup_timeout_s: float = Field(300.0, gt=0)
     """Deadline for every role to start and for collective set-up; the error names the role and node."""
-    eval_every: int = 20
+    no_progress_timeout_s: float = Field(600.0, ge=0)
+    """No-progress watchdog: stop the run (naming the cause) when for this long no group reached the
+    buffer while actors kept producing groups that were all filtered or stale, or prompts that were all
+    skipped as too long. 0 disables."""
+    eval_every: int = Field(20, ge=0)
     """Held-out evaluation every this many steps (and at start and end); 0 disables."""
-    eval_k: int = 4
+    eval_k: int = Field(4, ge=1)
     """Samples per held-out problem (avg@K, pass@K)."""
-    eval_max_problems: int = 100
+    eval_max_problems: int = Field(100, ge=1)
     """Held-out problems evaluated per evaluation."""
 
 
@@ -383,7 +390,7 @@ class DashboardConfig(_Section):
     """Serve the live dashboard while the run trains."""
     host: str = "127.0.0.1"
     """Dashboard bind address."""
-    port: int = 8365
+    port: int = Field(8365, ge=0, le=65535)
     """Dashboard port; 0 picks a free one."""
 
 
@@ -435,16 +442,12 @@ class Config(_Section):
         if self.learner.batch_groups % self.learner.mini_batch_groups:
             raise ValueError("learner.batch_groups must be a multiple of learner.mini_batch_groups")
         b = self.buffer
-        if isinstance(b.max_staleness, int) and b.max_staleness < 0:
-            raise ValueError(f"buffer.max_staleness = {b.max_staleness}: must be >= 0 or auto")
         if not 0 <= b.auto_min_staleness <= b.auto_max_staleness:
             raise ValueError(f"buffer.auto_min_staleness = {b.auto_min_staleness}, auto_max_staleness = "
                              f"{b.auto_max_staleness}: need 0 <= min <= max")
         if not 0.0 <= b.auto_ess_low <= b.auto_ess_high <= 1.0:
             raise ValueError(f"buffer.auto_ess_low = {b.auto_ess_low}, auto_ess_high = {b.auto_ess_high}: "
                              "need 0 <= low <= high <= 1")
-        if b.auto_kl_high <= 0:
-            raise ValueError(f"buffer.auto_kl_high = {b.auto_kl_high}: must be > 0")
         k = self.launch.policy_lag
         if k is not None:
             if k < 0:
@@ -489,7 +492,13 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
@@ -513,6 +522,8 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: value nested too deeply") from None
     out: dict = {}
     cur = out
     parts = key.split(".")
@@ -523,6 +534,10 @@ def parse_override(text: str) -> dict:
     return out
 
 
+_RANGE_ERRORS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+                 "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: dotted key, what is wrong, the bad value."""
     lines = []
@@ -530,6 +545,11 @@ def format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] in _RANGE_ERRORS:
+            op, bound = _RANGE_ERRORS[e["type"]]
+            lines.append(f"{key} = {e['input']!r}: must be {op} {e['ctx'][bound]}")
+        elif e["type"] == "finite_number":
+            lines.append(f"{key} = {e['input']!r}: must be a finite number")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
             # section validators report "field = value: problem"; join it to the section's path

@@ -66,23 +66,45 @@ def _check_row(row: Any, where: str, check=None) -> dict:
 
 def _read_jsonl(p: Path, check=None) -> list[dict]:
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            obj = _parse_json(line, f"{p}:{lineno}")
             rows.append(_check_row(obj, f"{p}:{lineno}", check))
     return rows
 
 
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads, with every way it can refuse (syntax, nesting depth, integers past Python's
+    4,300-digit limit) as one DataError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{where}: invalid JSON: {str(e).split(';')[0]}") from None
+
+
 def _read_json(p: Path, check=None) -> list[dict]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{p}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer past Python's 4,300-digit conversion limit
+        raise DataError(f"{p}: invalid JSON: {str(e).split(';')[0]}") from None
     if not isinstance(data, list):
         raise DataError(f"{p}: a JSON data file must hold a list of rows, got {type(data).__name__}")
     return [_check_row(obj, f"{p}: row {i}", check) for i, obj in enumerate(data)]

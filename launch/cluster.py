@@ -63,6 +63,9 @@ def preflight(cfg: Config, resume: bool) -> Preflight:
     train_rows, eval_rows = default_datasets(cfg.data, check=check_row)  # every row gradable, or DataError
     if not train_rows:
         raise UserError("data.train_files: no training rows")
+    from launch.progress import check_can_progress
+
+    check_can_progress(cfg, train_rows, eval_rows, model)  # configs and data that could never train a step
     pre = Preflight(model.resolve(), len(train_rows), len(eval_rows))
     if resume:
         pre.checkpoint, pre.restore = read_latest_checkpoint(Path(cfg.run_dir))
@@ -90,13 +93,23 @@ def read_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     latest = root / "latest"
     if not latest.is_file():
         raise UserError(f"{run_dir}: no checkpoint to resume from ({latest} missing)")
-    step_dir = root / latest.read_text().strip()
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{latest}: corrupt (not UTF-8 text; it should name a step directory, e.g. step-10)") from None
+    if not name or "/" in name or name in (".", ".."):
+        raise UserError(f"{latest}: corrupt (names {name!r}, not a step directory of {root})")
+    step_dir = root / name
     if not (step_dir / "DONE").is_file():
         raise UserError(f"{step_dir}: checkpoint is incomplete (no DONE marker)")
+    state_file = step_dir / "learner_state.json"
     try:
-        state = json.loads((step_dir / "learner_state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{step_dir}: corrupt checkpoint (learner_state.json: {e})") from None
+        state = json.loads(state_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{state_file}: corrupt checkpoint state ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not (isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "version"))):
+        raise UserError(f"{state_file}: corrupt checkpoint state (expected an object with integer 'step' and "
+                        f"'version', got {json.dumps(state)[:80]})")
     return step_dir, state
 
 

@@ -20,7 +20,9 @@ cheap; a torn last line is left for the next poll.
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,7 +89,7 @@ class JsonlTail:
             for line in data[: end + 1].split(b"\n"):
                 if line.strip():
                     try:
-                        obj = json.loads(line, parse_constant=_no_nan)
+                        obj = json.loads(line, parse_constant=_no_nan, parse_float=_finite_float)
                     except ValueError:
                         continue
                     if isinstance(obj, dict):
@@ -112,6 +114,12 @@ class JsonlTail:
 def _no_nan(_name: str) -> None:
     """NaN / Infinity in a file written by another tool become null (JSON for the browser has neither)."""
     return None
+
+
+def _finite_float(text: str) -> float | None:
+    """A float literal too large for a double (e.g. 1e999 parses as inf) becomes null as NaN does."""
+    v = float(text)
+    return v if math.isfinite(v) else None
 
 
 def _dig(d: Any, dotted: str) -> Any:
@@ -199,9 +207,32 @@ class RunReader:
         }
 
 
+REQUEST_TIMEOUT_S = 10.0
+"""Socket timeout of one connection: a client that sends no complete request (or reads no response)
+within it is dropped, so half-open connections do not hold a thread each."""
+
+
+def allowed_hosts(bind_host: str, port: int) -> set[str]:
+    """Host header values served (lower case, with and without the port): the bound address and
+    localhost. Any other name is refused, so a page whose DNS name is rebound to this address (DNS
+    rebinding) cannot read the run. A wildcard bind also admits this machine's hostname."""
+    names = {"localhost", "127.0.0.1", "[::1]", bind_host.lower()}
+    if ":" in bind_host and not bind_host.startswith("["):
+        names.add(f"[{bind_host.lower()}]")
+    if bind_host in ("0.0.0.0", "::", ""):
+        names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
+    names.discard("")
+    return names | {f"{n}:{port}" for n in names}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "archer-async-dashboard"
     reader: RunReader  # set on the per-server subclass
+    timeout = REQUEST_TIMEOUT_S  # StreamRequestHandler applies it to the connection's socket
+
+    def _host_ok(self) -> bool:
+        host = (self.headers.get("Host") or "").strip().lower()
+        return host in self.server.allowed_hosts  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # a poll every 2 s would flood the terminal
@@ -210,6 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = parse_qs(url.query)
         try:
+            if not self._host_ok():
+                return self._json(421, {"error": "unknown Host header (only the dashboard's own address is served)"})
             if url.path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif url.path in ("/api/metrics", "/api/actors"):
@@ -243,16 +276,21 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8365) -> ThreadingHTTPServer:
     """Bind the dashboard server (not yet serving). Missing run dir or a busy port: UserError."""
     rd = Path(run_dir)
+    if not 0 <= port <= 65535:
+        raise UserError(f"dashboard: port {port} is out of range (0-65535)")
     if not rd.is_dir():
         raise UserError(f"{rd}: run directory not found (expected a directory with metrics.jsonl, "
                         "e.g. runs/<date-time>)")
     handler = type("DashboardHandler", (_Handler,), {"reader": RunReader(rd)})
     try:
         server = ThreadingHTTPServer((host, port), handler)
-    except OSError as e:
-        raise UserError(f"dashboard: cannot listen on {host}:{port} ({e.strerror}); "
+    except OverflowError:
+        raise UserError(f"dashboard: port {port} is out of range (0-65535)") from None
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"dashboard: cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
                         "choose another port (--port, or dashboard.port=0 for a free one)") from None
     server.daemon_threads = True
+    server.allowed_hosts = allowed_hosts(host, server.server_address[1])  # type: ignore[attr-defined]
     return server
 
 

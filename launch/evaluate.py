@@ -11,6 +11,7 @@ output goes to a log file, kept and named only when the evaluation fails (`--ver
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from archer_async import roles
-from archer_async.config import Config, UserError
+from archer_async.config import UserError, build_config
 from launch.evaluation import summarize
 from archer_async.fsio import atomic_write_text
 
@@ -90,10 +91,14 @@ def eval_main(args) -> int:
         rows = rows[: args.limit]
     if not rows:
         raise UserError(f"--data {args.data!r}: no rows")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     max_tokens, longest = _fit_max_tokens(model, rows, args.max_tokens, say)
     scratch = tempfile.mkdtemp(prefix="archer-eval-")
-    cfg = Config.model_validate({
+    cfg = build_config({
         "model": {"path": str(model)},
         "data": {"train_files": [args.data], "eval_files": [args.data], "shuffle": False,
                  "max_prompt_length": longest},

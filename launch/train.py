@@ -44,6 +44,7 @@ from archer_async.roles import ACTOR, BUFFER, LEARNER
 
 from launch import cluster
 from launch.runlock import RunLock
+from launch.progress import ProgressWatch
 from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
 
 log = logging.getLogger("launch")
@@ -92,6 +93,8 @@ class Run:
         self.actor_errors: dict[int, str] = {}  # actors alive but stopped generating (their last stats' error)
         self.generating = False
         self.role_died = False
+        self.progress = ProgressWatch(cfg.launch.no_progress_timeout_s, cfg.data.max_prompt_length,
+                                      min_events=cfg.learner.batch_groups)
 
     # ------------------------------------------------------------------------------------------
     def execute(self, lock: RunLock) -> int:
@@ -328,6 +331,11 @@ class Run:
         why = no_generation_reason(dead, {f"actor{i}": st for i, st in stats.items()})
         if why:
             raise NoProgress(why)
+        if self.progress.timeout_s > 0:  # actors generate, but does anything reach the learner?
+            why = self.progress.observe(time.time(), wait(self.buffer.stats(), 60, "stats", ["buffer"]),
+                                        [st for st in stats.values() if st is not None])
+            if why:
+                raise NoProgress(why + " (launch.no_progress_timeout_s)")
 
     def _actor_stats(self, timeout_s: float, skip: Collection[int] = ()) -> dict[int, Optional[dict]]:
         """Every actor's stats, asked of all at once: {index: stats, or None when it did not answer
