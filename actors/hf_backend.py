@@ -205,7 +205,8 @@ class HFBackend:
         if self._receiver is None:
             self._receiver = WeightReceiver(self._sync_init, device=self.model.device)
             self._receiver.connect(timeout_s)
-        return [(n, t) for n, t in self._receiver.receive(version, timeout_s=timeout_s)]
+        gpu = self.model.device.type != "cpu"  # staged in host memory: no second copy of the model on the GPU
+        return [(n, t) for n, t in self._receiver.receive(version, timeout_s=timeout_s, to_host=gpu)]
 
     async def weight_version(self) -> int:
         return self.version

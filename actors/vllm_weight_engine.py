@@ -13,7 +13,7 @@ and driven through vLLM's own API, one control call per update:
 
 The data plane is `archer_async.weight_sync` (gloo on CPU, NCCL on GPU), received by
 `actors.weight_receiver.WeightReceiver`. With `staged` (default) the worker receives the whole update
-into a staging copy before touching the model, so a failed or late transfer leaves the previous
+into a staging copy (host memory on a GPU, outside vLLM's GPU memory budget) before touching the model, so a failed or late transfer leaves the previous
 weights serving; only then is it loaded through vLLM's layerwise reload (`initialize_layerwise_reload`
 ... `finalize_layerwise_reload`), which is what makes loading into a running engine work on CPU,
 where linear weights are repacked after the first load.
@@ -80,7 +80,6 @@ class ArcherInitInfo(WeightTransferInitInfo):
     world_size: int
     backend: str = "gloo"
     timeout_s: float = 120.0
-    nccl_port: int = 0
     rank: int = 1
     staged: bool = True
 
@@ -111,22 +110,12 @@ class ArcherWeightTransferEngine(WeightTransferEngine[ArcherInitInfo, ArcherUpda
         # Workers of one actor (tensor/pipeline parallel) take consecutive ranks after its first.
         worker = pc.data_parallel_index * pc.world_size + pc.rank
         info = SyncInit(host=init_info.host, store_port=init_info.store_port, world_size=init_info.world_size,
-                        backend=init_info.backend, timeout_s=init_info.timeout_s,
-                        nccl_port=init_info.nccl_port, rank=init_info.rank + worker)
+                        backend=init_info.backend, timeout_s=init_info.timeout_s, rank=init_info.rank + worker)
         self.staged = bool(init_info.staged)
-        comm = None
-        if info.backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_common import (
-                NCCLWeightTransferInitInfo,
-                worker_init_process_group,
-            )
-
-            comm = worker_init_process_group(
-                NCCLWeightTransferInitInfo(master_address=info.host, master_port=info.nccl_port,
-                                           rank_offset=init_info.rank, world_size=info.world_size),
-                pc)
+        # nccl: the communicator is built by the first update (every member joins it then, concurrently),
+        # and rebuilt when the membership changes; here only the control store is reached.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
-        self.receiver = WeightReceiver(info, device=device, nccl_comm=comm)
+        self.receiver = WeightReceiver(info, device=device)
         self.receiver.connect()
         # vLLM's reload warns "Failed to load weights" for tied and buffer-only layers on every update
         # of a healthy run; those lines only (actors/reload_log.py says why they are harmless) are dropped.
@@ -138,12 +127,16 @@ class ArcherWeightTransferEngine(WeightTransferEngine[ArcherInitInfo, ArcherUpda
 
     def receive_weights(self, update_info: ArcherUpdateInfo) -> None:
         t0 = time.monotonic()
-        stream = self.receiver.receive(update_info.version, timeout_s=update_info.timeout_s)
+        gpu = self.receiver.device.type != "cpu"
+        stream = self.receiver.receive(update_info.version, timeout_s=update_info.timeout_s, to_host=self.staged and gpu)
         if self.staged:
-            weights = list(stream)  # the whole update, before the model is touched
+            # the whole update, before the model is touched (in host memory on a GPU: the GPU holds one
+            # bucket beyond the model while receiving, and one tensor while loading)
+            weights = list(stream)
             t1 = time.monotonic()
             initialize_layerwise_reload(self.model)
-            self.model.load_weights(weights)
+            dev = self.receiver.device
+            self.model.load_weights(((n, t.to(dev)) for n, t in weights) if gpu else weights)
             finalize_layerwise_reload(self.model, self.model_config)
             refresh_tied_layers(self.model)
             del weights

@@ -356,7 +356,8 @@ class SyncConfig(_Section):
     """TCPStore port of the transfer group on learner rank 0's node; 0 picks a free one at launch."""
     staged: bool = True
     """Receive a whole update before loading it (a failed transfer leaves the old weights serving;
-    costs one extra copy of the weights on the actor). False loads bucket by bucket."""
+    costs one extra copy of the weights in the actor's host memory, never a second copy on its GPU).
+    False loads bucket by bucket."""
 
 
 class LaunchConfig(_Section):

@@ -107,7 +107,8 @@ class Learner(LearnerRole):
         self.version = 0
         self.opt_steps = 0
         self.skipped_steps = 0
-        self._sender = None
+        self._sender = None  # the connected weight sender (rank 0)
+        self._connecting = None  # a sender whose connect() has not succeeded yet (retried by the next sync)
         self._last_lr = self._lr()
         self._consumed_state: Optional[dict] = None  # the buffer's state after the last batch trained (rank 0)
         self._buffer = None  # BufferClient of step_from_buffer (rank 0)
@@ -370,7 +371,8 @@ class Learner(LearnerRole):
         """Send the current full weights to the actors (collective; rank 0 sends).
 
         `sender_init`: the rendezvous description of learner.weight_sender.WeightSender, needed
-        on the first call (rank 0; ignored elsewhere); the connected sender is kept for later calls.
+        until a connect succeeded (rank 0; ignored elsewhere); the sender is kept only once connected
+        (a failed connect is retried by the next call).
         Returns {"ok", "version", "seconds", "error"} identical on every rank. A failed send leaves
         the actors on their old version; the ranks still finish the gather in step.
         """
@@ -383,11 +385,14 @@ class Learner(LearnerRole):
                 if self._sender is None:
                     from learner.weight_sender import WeightSender
 
-                    if sender_init is None:
-                        raise UserError("broadcast_weights: the first call needs sender_init")
-                    backend = None if self.cfg.sync.backend == "auto" else self.cfg.sync.backend
-                    self._sender = WeightSender(sender_init, backend, self.cfg.sync.timeout_s)
-                    self._sender.connect()
+                    if self._connecting is None:
+                        if sender_init is None:
+                            raise UserError("broadcast_weights: the first call needs sender_init")
+                        backend = None if self.cfg.sync.backend == "auto" else self.cfg.sync.backend
+                        self._connecting = WeightSender(sender_init, backend, self.cfg.sync.timeout_s)
+                    # raises when a receiver is missing: the next call waits again on the same store
+                    self._connecting.connect()
+                    self._sender, self._connecting = self._connecting, None  # kept only once connected
                 info = self._sender.send(it, version, self.cfg.sync.bucket_mb << 20)
                 if isinstance(info, dict):
                     result.update({k: v for k, v in info.items() if k not in result})
@@ -449,12 +454,13 @@ class Learner(LearnerRole):
 
     def close(self) -> None:
         """Close the weight sender and leave the process group."""
-        if self._sender is not None and hasattr(self._sender, "close"):
-            try:
-                self._sender.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing the weight sender failed")
-            self._sender = None
+        for sender in (self._sender, self._connecting):
+            if sender is not None and hasattr(sender, "close"):
+                try:
+                    sender.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("closing the weight sender failed")
+        self._sender = self._connecting = None
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None

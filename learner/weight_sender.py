@@ -23,7 +23,7 @@ from archer_async.weight_sync.buckets import (
     split_buckets,
 )
 from archer_async.weight_sync import (
-    Control, Endpoint, SyncInit, WeightSyncError, gloo_broadcast_chunks, gloo_group, nccl_broadcast, nccl_group,
+    Control, Endpoint, SyncInit, WeightSyncError, gloo_broadcast_chunks, nccl_broadcast,
 )
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,22 @@ class WeightSender(Endpoint):
 
     `reuse_group` (gloo): keep the gloo group between successful updates of an unchanged membership
     (default); False creates a fresh group for every update (a rendezvous and a full mesh of TCP
-    connections per update). `chunk_bytes` (gloo): a bucket travels as broadcasts of at most this many
+    connections per update; for nccl a new communicator per update). `device`: where the bytes are packed
+    (nccl: the communicator's device, default the current CUDA device). `nccl_factory`: see
+    `archer_async.weight_sync.protocol.NcclFactory`. `chunk_bytes` (gloo): a bucket travels as broadcasts of at most this many
     bytes (`chunk_size`; <= 0: one broadcast per bucket), each packed while the previous one is in flight.
     """
 
     def __init__(self, init: "SyncInit | dict", backend: Optional[str] = None, timeout_s: Optional[float] = None,
-                 reuse_group: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__(init)
+                 reuse_group: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 device: "torch.device | str | None" = None, nccl_factory=None):
+        super().__init__(init, "cpu", nccl_factory)
         if backend is not None:
             self.init = dataclasses.replace(self.init, backend=backend)
+        if device is not None:
+            self.device = torch.device(device)
+        elif self.init.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if timeout_s is not None:
             self.init = dataclasses.replace(self.init, timeout_s=float(timeout_s))
         if self.init.backend not in ("gloo", "nccl"):
@@ -80,14 +87,12 @@ class WeightSender(Endpoint):
         return self.init.world_size - 1
 
     def connect(self) -> None:
-        """Host the control store and wait until every receiver said hello (and, for nccl, join the
-        communicator); WeightSyncError naming the missing ranks at the deadline."""
+        """Host the control store and wait until every receiver said hello; WeightSyncError naming the
+        missing ranks at the deadline (the store stays up: a later call waits again). The data plane
+        (gloo group or NCCL communicator) is built by the first update, every member joining it then."""
         deadline = time.monotonic() + self.init.timeout_s
         if self._ctl is None:
             self._ctl = Control(self.init, is_master=True, timeout_s=self.init.timeout_s)
-        if self.init.backend == "nccl" and self._nccl is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            self._nccl = nccl_group(self.init, 0, self.device)
         missing = self._missing("hello/{r}", deadline)
         if missing:
             raise WeightSyncError(f"weight receivers (ranks {missing}) did not connect to "
@@ -136,6 +141,8 @@ class WeightSender(Endpoint):
             bad = [(r, e) for r, e in zip(ranks, acks) if e != "ok"]
             if bad:
                 raise WeightSyncError(f"receivers failed version {version}: {bad}")
+            ctl.set(f"{nonce}/commit", "ok")  # every receiver has it: they may hand the last bucket over
+            keys.append(f"{nonce}/commit")
         except Exception as e:
             self._drop_group()  # a failed update never leaves its group (and its half-done collective) behind
             # frames of the failed broadcast hold the group and its buffers: free them now. (A receiver still
@@ -153,8 +160,9 @@ class WeightSender(Endpoint):
                     if self._reqs:
                         ctl.store.multi_set([ctl.PREFIX + f"go/{q}" for q in self._reqs.values()],
                                             [json.dumps({"abort": reason})] * len(self._reqs))
-                else:
-                    ctl.set(f"{nonce}/b{self._headers}", {"abort": reason})
+                else:  # (and where they wait for the confirmation after the last bucket)
+                    ctl.store.multi_set([ctl.PREFIX + f"{nonce}/b{self._headers}", ctl.PREFIX + f"{nonce}/commit"],
+                                        [json.dumps({"abort": reason})] * 2)
                 if not isinstance(e, WeightSyncError):  # a data-plane failure: say which receivers answered
                     reason += self._peer_report(nonce, deadline)
             except Exception:  # noqa: BLE001 - the store itself failing must not mask the real error
@@ -163,13 +171,13 @@ class WeightSender(Endpoint):
             # the receivers may still be about to read the abort: its keys go with the next update's cleanup
             ctl.delete(*self._want)  # a retry of this version must wait for fresh requests
             self._want = []
-            self._stale += keys + [f"{nonce}/abort", f"{nonce}/b{self._headers}"]
+            self._stale += keys + [f"{nonce}/abort", f"{nonce}/b{self._headers}", f"{nonce}/commit"]
             if isinstance(e, WeightSyncError):
                 raise
             raise WeightSyncError(f"weight update to version {version} failed: {reason}") from e
         # receivers delete their own request, answer and acknowledgement keys; bucket headers (k >= 1)
-        # are the sender's, deleted while the next update's data flows
-        self._stale = [k for k in keys if k.startswith(f"{nonce}/b")]
+        # and the confirmation are the sender's, deleted while the next update's data flows
+        self._stale = [k for k in keys if k.startswith(f"{nonce}/b") or k == f"{nonce}/commit"]
         stats["seconds"] = time.monotonic() - t0
         return stats
 
@@ -210,6 +218,16 @@ class WeightSender(Endpoint):
         return ((f"; receivers that did not answer (dead or stalled): {silent}" if silent else "")
                 + (f"; receivers' errors: {errors}" if errors else ""))
 
+    def _receiver_failure(self, nonce: str) -> Optional[str]:
+        """A receiver's error for this update, if one reported it (checked while a collective runs)."""
+        for r in range(1, self.init.world_size):
+            key = f"{nonce}/done/{r}"
+            if self._ctl.has(key):
+                v = self._ctl.get(key)
+                if v != "ok":
+                    return f"receiver {r} failed: {v}"
+        return None
+
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """The kept CPU packing buffer, grown when a bucket needs more: uint8 [nbytes] view."""
         if self._buf is None or self._buf.numel() < nbytes:
@@ -241,14 +259,12 @@ class WeightSender(Endpoint):
         if reports:
             log.warning("weight receivers reported failures after acknowledging an earlier update: %s", reports)
             stats["receiver_reports"] = reports
-        group = None
-        if self.init.backend == "gloo":
-            if not (self.reuse_group and self._pg is not None
-                    and all(a.get("group") == self._group_id for a in asks.values())):
-                self._drop_group()
-                self._group_id = nonce
-                stats["new_group"] = True
-            group = self._group_id
+        if not (self.reuse_group and self._has_group()
+                and all(a.get("group") == self._group_id for a in asks.values())):
+            self._drop_group()
+            self._group_id = nonce  # created on every side right after this announcement
+            stats["new_group"] = True
+        group = self._group_id
         go = json.dumps({"nonce": nonce, "header": dict(header, group=group)})
         ctl.store.multi_set([ctl.PREFIX + f"go/{self._reqs[r]}" for r in ranks], [go] * len(ranks))
 
@@ -272,15 +288,16 @@ class WeightSender(Endpoint):
             self._ctl.set(f"{nonce}/b{k}", header)
             keys.append(f"{nonce}/b{k}")
         self._headers = k + 1
-        if gloo and self._pg is None:  # receivers create their end after reading the announcement
-            self._pg = gloo_group(self._ctl, self._group_id, 0, self.init.world_size, deadline)
+        failed = lambda: self._receiver_failure(nonce)  # noqa: E731
+        if not self._has_group():  # receivers create their end after reading the announcement, concurrently
+            self._open_group(self._ctl, self._group_id, deadline, failed)
         if packer is not None:
             gloo_broadcast_chunks(self._pg, bounds, packer.chunk, deadline,
                                    after_first=self._cleanup if k == 0 else None)
             del packer
         elif nbytes:
             _, flat = pack_bucket(bucket, self.device)
-            nccl_broadcast(self._nccl, flat)
+            nccl_broadcast(self._nccl, flat, deadline, failed)
             del flat
         if k == 0 and (not nbytes or not gloo):
             self._cleanup()
@@ -291,6 +308,7 @@ class WeightSender(Endpoint):
     def close(self) -> None:
         """Drop the communicator, the gloo group and the packing buffer, and stop hosting the store."""
         if self._ctl is not None and self._stale:
-            self._ctl.delete(*self._stale)
+            # (a confirmation stays: a receiver may not have read it yet, and the store goes with the sender)
+            self._ctl.delete(*(k for k in self._stale if not k.endswith("/commit")))
         self._stale = []
         self._release()

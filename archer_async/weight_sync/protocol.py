@@ -22,9 +22,19 @@ polling). The data plane is a broadcast from rank 0:
   the group on the side that saw it, so a failed update never leaves a half-finished collective
   behind for the next one. Every broadcast carries what is left of the update's deadline as its
   timeout.
-- nccl (GPU): one persistent vLLM `PyNcclCommunicator` (created at `connect()` on both sides, port
-  `SyncInit.nccl_port`). NCCL collectives cannot time out: the deadline is enforced at the
-  handshake and at the final acknowledgement; a receiver that dies mid-broadcast needs a new group.
+- nccl (GPU): a vLLM `PyNcclCommunicator`, built on demand by the update that needs it and kept, like
+  the gloo group, while the membership is unchanged and every update on it succeeded. Its rendezvous
+  runs over the control store (a `StatelessProcessGroup` on a `PrefixStore` named after the group:
+  no port of its own), right after the announcement, so every member joins concurrently (the receivers
+  are all waiting for the announcement then; the sender starts right after writing it); a failed or
+  late rendezvous fails the update on every side and the next update tries again. A re-placed actor
+  reports no group, so the next update builds a new communicator on every side. A communicator that
+  vLLM disabled (`VLLM_DISABLE_PYNCCL`, no NCCL library) is an error, never a silent no-op. NCCL
+  collectives cannot time out, so each broadcast runs under a watchdog (`nccl_broadcast`): at the
+  update's deadline, or as soon as the other side reported a failure (the sender's abort key for a
+  receiver, a receiver's error for the sender), the communicator is aborted (`destroy()`, i.e.
+  `ncclCommAbort`, which ends the stuck kernel) and the update fails on that side; the next update
+  builds a new one.
 
 One update, version v (key names under the store's prefix):
 
@@ -42,16 +52,20 @@ One update, version v (key names under the store's prefix):
                                                            ->  receive the chunks into one flat buffer
              for bucket k >= 1: set <nonce>/b<k> = header, broadcast  ->  wait <nonce>/b<k>, receive, yield
              wait <nonce>/done/r for all r  <-  set <nonce>/done/r = "ok" | error text
-                                                   ("ok" as soon as the last bucket's bytes are in,
-                                                    before its tensors are yielded)
+                                                   ("ok" as soon as the last bucket's bytes are in;
+                                                    its tensors are unpacked meanwhile)
+             set <nonce>/commit = "ok"      ->  wait <nonce>/commit, then yield the last bucket's tensors
+                                                   (an update that failed on any rank never reaches a
+                                                    consumer's last bucket: everyone keeps the old weights)
              (on any failure: set <nonce>/abort = reason and wake the receivers where they block:
-              go/<req> or <nonce>/b<next> = {"abort": reason}; they raise at once (one inside a
-              broadcast that will not complete raises at its deadline: dropping a gloo group does not
-              fail its peers' pending operations), and the sender's error names the receivers that did
-              not answer and quotes those that did)
+              go/<req>, or <nonce>/b<next> and <nonce>/commit = {"abort": reason}; they raise at once;
+              one inside a gloo broadcast that will not complete raises at its deadline (dropping a
+              gloo group does not fail its peers' pending operations), one inside an NCCL broadcast
+              as soon as its watchdog sees <nonce>/abort; the sender's error names the receivers that
+              did not answer and quotes those that did)
 
-So an update costs one wake-up before the data and one after it (the acknowledgement), like a
-broadcast followed by a barrier. Store keys are deleted off that path: each receiver deletes its
+So an update costs one wake-up before the data and two after it (the acknowledgement and the
+confirmation), like a broadcast followed by a barrier and a commit. Store keys are deleted off that path: each receiver deletes its
 request and answer after acknowledging, and its acknowledgement at the end of its next update (the
 sender has read it by then); the sender deletes extra bucket headers (and a failed update's keys)
 while the next update's first chunk travels. A consumer that stops or fails after the
@@ -72,8 +86,9 @@ import dataclasses
 import datetime
 import json
 import socket
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,7 +105,8 @@ class SyncInit:
     it to the learner (rank 0) and, with `for_rank(receiver_rank(i))`, to actor i."""
 
     host: str
-    """Address of the sender's TCPStore (and of the NCCL rendezvous); reachable from every actor."""
+    """Address of the sender's TCPStore (the control plane, and the rendezvous of the gloo group or NCCL
+    communicator); reachable from every actor."""
     store_port: int
     """TCPStore port (the control plane)."""
     world_size: int
@@ -99,8 +115,6 @@ class SyncInit:
     """Data plane: "gloo" (CPU tensors) or "nccl" (CUDA tensors)."""
     timeout_s: float = 120.0
     """Deadline of one update (handshake + data + acknowledgement) and of `connect()`."""
-    nccl_port: int = 0
-    """Rendezvous port of the persistent NCCL communicator (nccl only)."""
     rank: int = 0
     """This process's rank: 0 for the sender, 1..world_size-1 for receivers."""
 
@@ -159,7 +173,7 @@ def receiver_rank(actor_index: int, workers_per_actor: int = 1) -> int:
 
 
 def make_sync_init(num_actors: int, backend: str = "gloo", host: str = "127.0.0.1",
-                   timeout_s: float = 120.0, store_port: int = 0, nccl_port: int = 0,
+                   timeout_s: float = 120.0, store_port: int = 0,
                    workers_per_actor: int = 1) -> SyncInit:
     """The init info of a transfer group for `num_actors` actors (ports 0: picked free now)."""
     if backend not in ("gloo", "nccl"):
@@ -172,7 +186,6 @@ def make_sync_init(num_actors: int, backend: str = "gloo", host: str = "127.0.0.
         world_size=1 + num_actors * workers_per_actor,
         backend=backend,
         timeout_s=float(timeout_s),
-        nccl_port=(nccl_port or free_port(host)) if backend == "nccl" else nccl_port,
         rank=0,
     )
 
@@ -196,9 +209,17 @@ class Control:
     PREFIX = "archer-ws/"
 
     def __init__(self, init: SyncInit, is_master: bool, timeout_s: float):
+        self.host, self.port = init.host, init.store_port
         self.timeout = datetime.timedelta(seconds=max(1.0, timeout_s))
         self.store = tcp_store(init.host, init.store_port, is_master,
                                datetime.timedelta(seconds=max(1.0, timeout_s)))
+
+    def client(self, prefix: str, deadline: float):
+        """A second client of this store (its own connection, blocking calls bounded by the deadline),
+        under `prefix`: a rendezvous blocked in it never holds up this client's calls."""
+        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=_remaining(deadline),
+                              wait_for_workers=False)
+        return dist.PrefixStore(prefix, store)
 
     def set(self, key: str, value: Any) -> None:
         self.store.set(self.PREFIX + key, json.dumps(value))
@@ -299,47 +320,155 @@ def gloo_broadcast_chunks(pg, bounds: list[tuple[int, int]], chunk, deadline: fl
         works.popleft().wait()
 
 
-def nccl_group(init: SyncInit, rank: int, device: torch.device):
-    """The persistent NCCL communicator of the group (vLLM's stateless rendezvous)."""
-    from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+NcclFactory = Callable[[Any, int, int, torch.device], Any]
+"""Builds one member of an NCCL communicator: (rendezvous store, rank, world size, device) -> an object
+with vLLM `PyNcclCommunicator`'s interface (`broadcast(tensor, src, stream)`, `destroy()`, `disabled`,
+`device`). The default is `vllm_nccl_communicator`."""
 
-    return stateless_init_process_group(init.host, init.nccl_port, rank, init.world_size, device)
+
+def vllm_nccl_communicator(store, rank: int, world_size: int, device: torch.device):
+    """vLLM's `PyNcclCommunicator` on `device`, rendezvoused through `store` (a `StatelessProcessGroup`
+    over it: rank 0 publishes the NCCL unique id there; no port of its own)."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.utils.nccl import unpinned_nccl_env
+
+    pg = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
+    with unpinned_nccl_env():
+        return PyNcclCommunicator(pg, device=device)
 
 
-def nccl_broadcast(comm, flat: torch.Tensor) -> None:
-    stream = torch.cuda.current_stream()
-    comm.broadcast(flat, src=0, stream=stream)
-    stream.synchronize()
+def _watch(fn, what: str, deadline: float, aborted: Optional[Callable[[], Optional[str]]] = None,
+           on_abort: Optional[Callable[[], None]] = None, poll_s: float = 0.2):
+    """Run the blocking `fn()` in a daemon thread and return its result; WeightSyncError (after
+    `on_abort()`) at the deadline or as soon as `aborted()` returns a reason (checked every `poll_s`).
+    A thread still blocked after `on_abort` is left behind (daemon): the caller is never held."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, name=f"archer-ws-{what}", daemon=True)
+    th.start()
+    reason = None
+    while True:
+        th.join(max(0.0, min(poll_s, deadline - time.monotonic())))
+        if not th.is_alive():
+            break
+        if time.monotonic() >= deadline:
+            reason = "the update's deadline passed"
+        elif aborted is not None:
+            reason = aborted()
+        if reason:
+            break
+    if reason:
+        if on_abort is not None:
+            try:
+                on_abort()
+            except Exception:  # noqa: BLE001 - tearing down a stuck communicator; the error below is the news
+                pass
+        raise WeightSyncError(f"{what} aborted: {reason}")
+    if "error" in box:
+        e = box["error"]
+        raise WeightSyncError(f"{what} failed: {type(e).__name__}: {e}") from e
+    return box.get("value")
+
+
+def _check_enabled(comm, what: str) -> None:
+    if comm is None or getattr(comm, "disabled", False) or not getattr(comm, "available", True):
+        raise WeightSyncError(
+            f"{what}: the NCCL communicator is disabled (vLLM disables it when VLLM_DISABLE_PYNCCL is set, "
+            f"the NCCL library cannot be loaded, or it was aborted); its broadcasts would move no bytes")
+
+
+def nccl_group(ctl: Control, group_id: str, rank: int, world_size: int, device: torch.device, deadline: float,
+               factory: Optional[NcclFactory] = None, aborted=None):
+    """A fresh NCCL communicator for the group `group_id`, every member joining now (rendezvous over the
+    control store under `archer-nccl/<group_id>`, on a client of its own, bounded by the deadline and
+    by `aborted()`);
+    WeightSyncError when it fails, is late, or comes back disabled."""
+    factory = factory or vllm_nccl_communicator
+    comm = _watch(lambda: factory(ctl.client(f"archer-nccl/{group_id}", deadline), rank, world_size, device), f"NCCL rendezvous of rank {rank}",
+                  deadline, aborted)
+    try:
+        _check_enabled(comm, f"rank {rank}")
+    except WeightSyncError:
+        _destroy(comm)
+        raise
+    return comm
+
+
+def _destroy(comm) -> None:
+    try:
+        if comm is not None:
+            comm.destroy()
+    except Exception:  # noqa: BLE001 - tearing down a possibly broken communicator
+        pass
+
+
+def nccl_broadcast(comm, flat: torch.Tensor, deadline: float, aborted=None) -> None:
+    """Broadcast `flat` from rank 0 over `comm` and wait until it is complete on this side, under a
+    watchdog: at the deadline, or when `aborted()` names a reason, the communicator is aborted
+    (`destroy()`: the stuck collective ends) and WeightSyncError is raised. A disabled communicator
+    is an error (vLLM's `broadcast` would silently return)."""
+    _check_enabled(comm, "broadcast")
+    cuda = flat.device.type == "cuda"
+    stream = torch.cuda.current_stream(flat.device) if cuda else None
+
+    def run():
+        if cuda:
+            with torch.cuda.device(flat.device):
+                comm.broadcast(flat, src=0, stream=stream)
+                stream.synchronize()
+        else:
+            comm.broadcast(flat, src=0, stream=stream)
+
+    _watch(run, "NCCL broadcast", deadline, aborted, on_abort=lambda: _destroy(comm))
 
 
 class Endpoint:
     """What both ends of a transfer group hold: the init info, the control-store client, the data
-    plane (the gloo group of the last successful update, or the NCCL communicator) and a reusable
-    CPU buffer. `WeightSender` (learner) and `WeightReceiver` (actors) build on it."""
+    plane of the last successful update (its gloo group or NCCL communicator, and the group's id) and
+    a reusable CPU buffer. `WeightSender` (learner) and `WeightReceiver` (actors) build on it.
+    `nccl_factory` builds NCCL communicators (default `vllm_nccl_communicator`)."""
 
-    def __init__(self, init: "SyncInit | dict", device: "torch.device | str" = "cpu", nccl_comm=None):
+    def __init__(self, init: "SyncInit | dict", device: "torch.device | str" = "cpu",
+                 nccl_factory: Optional[NcclFactory] = None):
         self.init = SyncInit.from_any(init)
         self.device = torch.device(device)
         self._ctl: Optional[Control] = None
-        self._nccl = nccl_comm
-        self._pg = None  # gloo group of the last successful update, reused while the membership holds
+        self._nccl = None  # NCCL communicator of the current group (nccl backend)
+        self._nccl_factory = nccl_factory
+        self._pg = None  # gloo group of the current group (gloo backend)
         self._group_id: Optional[str] = None
         self._buf: Optional[torch.Tensor] = None  # reused CPU buffer, uint8
 
+    def _has_group(self) -> bool:
+        return (self._pg if self.init.backend == "gloo" else self._nccl) is not None
+
+    def _open_group(self, ctl: Control, group_id: str, deadline: float, aborted=None) -> None:
+        """Join the group `group_id` (every member joins it in the same update)."""
+        self._drop_group()
+        if self.init.backend == "gloo":
+            self._pg = gloo_group(ctl, group_id, self.init.rank, self.init.world_size, deadline)
+        else:
+            self._nccl = nccl_group(ctl, group_id, self.init.rank, self.init.world_size, self.device, deadline,
+                                    self._nccl_factory, aborted)
+        self._group_id = group_id
+
     def _drop_group(self) -> None:
-        """Forget the gloo group (after a failure, or when another group is named)."""
+        """Forget the gloo group and destroy the NCCL communicator (after a failure, when another group
+        is named, at close)."""
         self._pg = None
         self._group_id = None
+        comm, self._nccl = self._nccl, None
+        _destroy(comm)
 
     def _release(self) -> None:
-        """Forget the group and the buffer, destroy the NCCL communicator (best effort) and drop the
-        control-store client."""
+        """Drop the group and the buffer and the control-store client."""
         self._drop_group()
         self._buf = None
-        if self._nccl is not None:
-            try:
-                self._nccl.destroy()
-            except Exception:  # noqa: BLE001 - tearing down a possibly broken communicator
-                pass
-        self._nccl = None
         self._ctl = None

@@ -129,6 +129,7 @@ def test_archer_recipe_matches_algorithm_md():
     assert cfg.actors.max_response_length == 32768 and cfg.data.max_prompt_length == 2048
     assert cfg.actors.temperature == 1.0 and cfg.actors.eval_temperature == 0.8
     assert cfg.model.dtype == "bfloat16" and cfg.learner.reduce_dtype == "float32"
+    assert cfg.launch.ray_address == "auto"  # the labelled multi-node cluster, never a fresh one-node one
 
 
 def test_resume_config_pins_run_dir(tmp_path):
