@@ -143,7 +143,7 @@ class ActorsConfig(_Section):
 class BufferConfig(_Section):
     capacity: int = Field(256, ge=1)
     """Maximum groups held (not yet consumed). When full, producers wait; nothing is dropped."""
-    max_staleness: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = 4
+    max_staleness: Union[int, Literal["auto"]] = 4
     """eta: a group may be trained at version v only if every token's version >= v - eta. "auto": eta
     starts at auto_max_staleness and follows the learner's measured ESS and mismatch KL after every
     step (halved when they degrade, +1 when they are healthy, within [auto_min_staleness,
@@ -443,6 +443,8 @@ class Config(_Section):
         if self.learner.batch_groups % self.learner.mini_batch_groups:
             raise ValueError("learner.batch_groups must be a multiple of learner.mini_batch_groups")
         b = self.buffer
+        if isinstance(b.max_staleness, int) and b.max_staleness < 0:
+            raise ValueError(f"buffer.max_staleness = {b.max_staleness}: must be >= 0 or auto")
         if not 0 <= b.auto_min_staleness <= b.auto_max_staleness:
             raise ValueError(f"buffer.auto_min_staleness = {b.auto_min_staleness}, auto_max_staleness = "
                              f"{b.auto_max_staleness}: need 0 <= min <= max")

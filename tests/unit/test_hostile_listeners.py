@@ -23,7 +23,7 @@ def reachable(host, port):
         return False
 
 init = SyncInit(host="127.0.0.1", store_port=free_port(), world_size=2, backend="gloo", timeout_s=10.0,
-                nccl_port=0, rank=0)
+                rank=0)
 master = Control(init, is_master=True, timeout_s=10)
 peer = Control(init, is_master=False, timeout_s=10)
 peer.set("k", 7)
