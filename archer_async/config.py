@@ -143,7 +143,7 @@ class ActorsConfig(_Section):
 class BufferConfig(_Section):
     capacity: int = Field(256, ge=1)
     """Maximum groups held (not yet consumed). When full, producers wait; nothing is dropped."""
-    max_staleness: Union[int, Literal["auto"]] = 4
+    max_staleness: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = 4
     """eta: a group may be trained at version v only if every token's version >= v - eta. "auto": eta
     starts at auto_max_staleness and follows the learner's measured ESS and mismatch KL after every
     step (halved when they degrade, +1 when they are healthy, within [auto_min_staleness,
@@ -443,8 +443,6 @@ class Config(_Section):
         if self.learner.batch_groups % self.learner.mini_batch_groups:
             raise ValueError("learner.batch_groups must be a multiple of learner.mini_batch_groups")
         b = self.buffer
-        if isinstance(b.max_staleness, int) and b.max_staleness < 0:
-            raise ValueError(f"buffer.max_staleness = {b.max_staleness}: must be >= 0 or auto")
         if not 0 <= b.auto_min_staleness <= b.auto_max_staleness:
             raise ValueError(f"buffer.auto_min_staleness = {b.auto_min_staleness}, auto_max_staleness = "
                              f"{b.auto_max_staleness}: need 0 <= min <= max")
@@ -541,10 +539,19 @@ _RANGE_ERRORS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt")
                  "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
 
 
+_UNION_TAG = re.compile(r"^(constrained-)?(int|float|str|bool)$|^literal\[")
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: dotted key, what is wrong, the bad value."""
+    """One line per problem: dotted key, what is wrong, the bad value. For a setting that takes a number
+    or a word (`buffer.max_staleness: 4 | auto`) a number out of range reports only its range."""
     lines = []
-    for e in err.errors():
+    errors = [dict(e, loc=tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))))
+              for e in err.errors()]
+    ranged = {e["loc"] for e in errors if e["type"] in _RANGE_ERRORS or e["type"] == "finite_number"}
+    for e in errors:
+        if e["type"] == "literal_error" and e["loc"] in ranged:
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")

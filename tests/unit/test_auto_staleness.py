@@ -38,7 +38,7 @@ def test_initial_bound_and_the_sequence_of_a_degradation():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["buffer.max_staleness=-1"], "must be >= 0 or auto"),
+    (["buffer.max_staleness=-1"], "buffer.max_staleness = -1: must be >= 0"),
     (["buffer.max_staleness=auto", "buffer.auto_min_staleness=5", "buffer.auto_max_staleness=2"], "min <= max"),
     (["buffer.auto_ess_low=0.99", "buffer.auto_ess_high=0.9"], "low <= high"),
     (["buffer.auto_kl_high=0"], "auto_kl_high"),
