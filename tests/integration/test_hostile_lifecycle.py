@@ -140,3 +140,42 @@ def test_captured_rewind_and_sample_cannot_be_replayed(tmp_path, buffer_server):
         raw.close()
         ctx.term()
         learner.close()
+
+
+def test_resume_refuses_a_flipped_bit_in_the_active_segment(tmp_path):
+    """One flipped bit inside the buffer's active segment, with acknowledged groups after it: resume
+    stops before any process starts with one line naming the file and byte offset, and cuts nothing."""
+    from archer_async.config import BufferConfig
+    from buffer.store import BufferStore
+    from tests.helpers.buffer import make_group, payload_meta
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--dry-run", f"run_dir={run}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    run.mkdir()
+    (run / "config.resolved.yaml").write_text(r.stdout)
+    step = run / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    (step / "DONE").write_text(json.dumps({"step": 2}))
+    (step / "learner_state.json").write_text(json.dumps({"step": 2, "version": 2}))
+    (step / ".metadata").write_text("x")
+    (run / "checkpoints" / "latest").write_text("step-2\n")
+    store = BufferStore(run / "buffer" / "log", BufferConfig(), 8)
+    for i in range(10):
+        store.ingest([payload_meta(make_group(i, tokens=50))])
+        store.commit()
+    store.close()
+    active = next((run / "buffer" / "log").glob("*.open"))
+    victim = store.table.entries[3].loc
+    raw = bytearray(active.read_bytes())
+    raw[victim.offset + victim.size // 2] ^= 0x10
+    active.write_bytes(bytes(raw))
+    before = _digest(run)
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "resume", str(run)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert active.name in lines[0] and f"byte {victim.offset}" in lines[0] and "not a torn tail" in lines[0]
+    assert _digest(run) == before and active.read_bytes() == bytes(raw)
