@@ -76,7 +76,8 @@ Bucket layout, packing and chunking are in `archer_async.weight_sync.buckets`. M
 every bucket into one flat buffer; on CPU that buffer is kept between
 updates (it is at most one bucket, `bucket_bytes`, and reusing it saves the page faults of a fresh
 allocation); the receiver holds what its consumer keeps (the vLLM engine stages a whole update
-before loading it, so that a failed transfer leaves the old weights in place).
+before loading it, so that a failed transfer leaves the old weights in place; on a GPU it receives
+with `to_host`, so the staged copy is in host memory and the GPU holds one bucket beyond the model).
 """
 
 from __future__ import annotations
