@@ -39,7 +39,7 @@ from archer_async.advantages import filter_groups, group_advantages
 from archer_async.config import Config, UserError
 from archer_async.roles import LearnerRole
 from archer_async.loss import (
-    LossDenominators, entropy_from_logits, logprobs_from_logits, loss_denominators, m2po_cutoff, merge_metrics,
+    LossDenominators, loss_denominators, m2po_cutoff, merge_metrics,
     policy_loss, squared_log_ratios,
 )
 from archer_async.types import TrajectoryGroup, decode_groups, encode_group, join_groups

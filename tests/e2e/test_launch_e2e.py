@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from archer_async.metrics import METRIC_NAMES
-from tests.helpers.launch import ROOT, TINY, CliRun, kill_tagged, new_tag, read_jsonl, wait_no_tagged
+from tests.helpers.launch import ROOT, TINY, CliRun, new_tag, read_jsonl, wait_no_tagged
 from tests.helpers.browser import CANVAS_CHECK, Chromium
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

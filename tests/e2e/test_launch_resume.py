@@ -19,7 +19,7 @@ import pytest
 from archer_async.config import BufferConfig
 from buffer.store import BufferStore
 from launch.dashboard import RunReader
-from tests.helpers.launch import CliRun, kill_tagged, new_tag, read_jsonl, wait_no_tagged
+from tests.helpers.launch import CliRun, new_tag, read_jsonl, wait_no_tagged
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
