@@ -199,12 +199,7 @@ def collate(rows: list[TrainRow], pad_id: int, dummy_row: Optional[TrainRow] = N
     assert first >= 0, "every response needs at least one prompt token before it"
     keep = L - first
     input_ids = torch.full((n, L), pad_id, dtype=torch.long)
-    response_ids = torch.zeros((n, T), dtype=torch.long)
-    gather_index = torch.zeros((n, T), dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.float32)
-    behav = torch.zeros((n, T), dtype=torch.float32)
-    adv = torch.zeros((n, T), dtype=torch.float32)
-    versions = torch.zeros((n, T), dtype=torch.long)
+    response_ids, gather_index, mask, behav, adv, versions = _response_tensors(n, T)
     for i, r in enumerate(rows):
         p, t = len(r.prompt_ids), len(r.response_ids)
         input_ids[i, :p] = torch.tensor(r.prompt_ids, dtype=torch.long)
@@ -224,6 +219,13 @@ def collate(rows: list[TrainRow], pad_id: int, dummy_row: Optional[TrainRow] = N
     )
 
 
+def _response_tensors(n: int, T: int) -> tuple[torch.Tensor, ...]:
+    """Zeroed [n, T] per-response-token tensors: response ids, gather index, mask, behaviour log-probs,
+    advantages, token versions."""
+    long, f32 = torch.long, torch.float32
+    return tuple(torch.zeros((n, T), dtype=d) for d in (long, long, f32, f32, f32, long))
+
+
 def collate_packed(rows: list[TrainRow], dummy_row: Optional[TrainRow] = None) -> MicroBatch:
     """Pack `rows` into one sequence (see the module docstring); with no rows, a 2-token slice of
     `dummy_row` (one prompt and one response token) with an all-zero response mask."""
@@ -239,12 +241,7 @@ def collate_packed(rows: list[TrainRow], dummy_row: Optional[TrainRow] = None) -
     pos: list[int] = []
     keep: list[int] = []
     cu = [0]
-    response_ids = torch.zeros((n, T), dtype=torch.long)
-    gather_index = torch.zeros((n, T), dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.float32)
-    behav = torch.zeros((n, T), dtype=torch.float32)
-    adv = torch.zeros((n, T), dtype=torch.float32)
-    versions = torch.zeros((n, T), dtype=torch.long)
+    response_ids, gather_index, mask, behav, adv, versions = _response_tensors(n, T)
     for i, r in enumerate(rows):
         p, t = len(r.prompt_ids), len(r.response_ids)
         assert p >= 1 and t >= 1, "every packed row needs a prompt token and a response token"

@@ -110,3 +110,31 @@ def spawn(fn, world: int, *args, err_dir: Path, timeout: float = 150.0) -> None:
         raise AssertionError(errors[0].read_text())
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+def full_batch_loss(model_dir: Path, loss_cfg, groups: list[TrajectoryGroup]):
+    """The single-process reference: (loss, metrics, model) of the policy loss over all of `groups` as
+    one padded micro-batch, with pi_prox = pi_ref = the current weights, after `loss.backward()`."""
+    from transformers import AutoModelForCausalLM
+
+    from archer_async.advantages import filter_groups, group_advantages
+    from archer_async.loss import entropy_from_logits, logprobs_from_logits, policy_loss
+    from learner.batching import TrainRow, collate
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    kept, _ = filter_groups(groups)
+    adv = group_advantages(kept).tolist()
+    rows = [TrainRow(s.sample_id, g.prompt_ids, s.response_ids, s.behavior_logprobs, s.token_versions, 0.0)
+            for g in kept for s in g.samples]
+    for r, a in zip(rows, adv):
+        r.advantage = a
+    mb = collate(rows, pad_id=0)
+    logits = model(input_ids=mb.input_ids, logits_to_keep=mb.logits_to_keep).logits
+    logits = logits[torch.arange(len(rows))[:, None], mb.gather_index]
+    logp = logprobs_from_logits(logits, mb.response_ids, 1.0)
+    ent = entropy_from_logits(logits, 1.0)
+    loss, met = policy_loss(logp, logp.detach(), mb.behavior_logprobs, logp.detach(), ent, mb.advantages,
+                            mb.response_mask, loss_cfg)
+    loss.backward()
+    return loss, met, model
+

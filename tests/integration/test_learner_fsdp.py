@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.learner import make_groups, make_model_dir, small_config, spawn
+from tests.helpers.learner import full_batch_loss, make_groups, make_model_dir, small_config, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -133,31 +133,9 @@ def runs(tmp_path_factory):
 
 
 def test_learner_gradients_equal_single_process(runs):
-    from transformers import AutoModelForCausalLM
-
-    from archer_async.advantages import filter_groups
-    from learner.batching import collate
-    from archer_async.loss import entropy_from_logits, logprobs_from_logits, policy_loss
-    from archer_async.advantages import group_advantages
-    from learner.batching import TrainRow
-
     tmp = runs["tmp"]
     cfg = small_config(tmp / "x")
-    model = AutoModelForCausalLM.from_pretrained(str(tmp / "model"), dtype=torch.float32, attn_implementation="sdpa")
-    kept, _ = filter_groups(make_groups(0))
-    adv = group_advantages(kept).tolist()
-    rows = [TrainRow(s.sample_id, g.prompt_ids, s.response_ids, s.behavior_logprobs, s.token_versions, 0.0)
-            for g in kept for s in g.samples]
-    for r, a in zip(rows, adv):
-        r.advantage = a
-    mb = collate(rows, pad_id=0)
-    logits = model(input_ids=mb.input_ids, logits_to_keep=mb.logits_to_keep).logits
-    logits = logits[torch.arange(len(rows))[:, None], mb.gather_index]
-    logp = logprobs_from_logits(logits, mb.response_ids, 1.0)
-    ent = entropy_from_logits(logits, 1.0)
-    loss, _ = policy_loss(logp, logp.detach(), mb.behavior_logprobs, logp.detach(), ent, mb.advantages,
-                          mb.response_mask, cfg.loss)
-    loss.backward()
+    loss, _, model = full_batch_loss(tmp / "model", cfg.loss, make_groups(0))
     assert abs(runs["a_t"]["mb_loss"] - loss.item()) < 1e-6 * max(1.0, abs(loss.item()))
     grads = runs["a_t"]["grads"]
     ref = dict(model.named_parameters())

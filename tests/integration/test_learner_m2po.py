@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.learner import make_groups, make_model_dir, small_config, spawn
+from tests.helpers.learner import full_batch_loss, make_groups, make_model_dir, small_config, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -55,34 +55,13 @@ def _session(rank, world, port, tmp):
 
 
 def test_m2po_learner_gradient_equals_full_batch(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from archer_async.advantages import filter_groups, group_advantages
-    from archer_async.loss import entropy_from_logits, logprobs_from_logits, policy_loss
-    from learner.batching import TrainRow, collate
-
     make_model_dir(tmp_path / "model")
     spawn(_session, 2, str(tmp_path), err_dir=tmp_path)
     out = json.loads((tmp_path / "out.json").read_text())
     grads = torch.load(tmp_path / "grads.pt")
 
     cfg = _config(tmp_path / "x")
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    kept, _ = filter_groups(make_groups(0))
-    adv = group_advantages(kept).tolist()
-    rows = [TrainRow(s.sample_id, g.prompt_ids, s.response_ids, s.behavior_logprobs, s.token_versions, 0.0)
-            for g in kept for s in g.samples]
-    for r, a in zip(rows, adv):
-        r.advantage = a
-    mb = collate(rows, pad_id=0)
-    logits = model(input_ids=mb.input_ids, logits_to_keep=mb.logits_to_keep).logits
-    logits = logits[torch.arange(len(rows))[:, None], mb.gather_index]
-    logp = logprobs_from_logits(logits, mb.response_ids, 1.0)
-    ent = entropy_from_logits(logits, 1.0)
-    loss, met = policy_loss(logp, logp.detach(), mb.behavior_logprobs, logp.detach(), ent, mb.advantages,
-                            mb.response_mask, cfg.loss)
-    loss.backward()
+    loss, met, model = full_batch_loss(tmp_path / "model", cfg.loss, make_groups(0))
     assert 0 < met["is/truncated_frac"] < 1, met  # the mask acts, and keeps some tokens
     assert out["step_truncated_frac"] == pytest.approx(met["is/truncated_frac"], abs=1e-9)
     assert out["updated"]
