@@ -17,6 +17,8 @@
 #            sync.backend auto picks for co-located roles: bit-exact (bench.gpu_check sync)
 #   nccl     the same through the NCCL branch: bit-exact, or refused with an error (NCCL does not allow two
 #            ranks on one GPU), but never hung past its deadline (bench.gpu_check nccl)
+#   packing  padded vs packed (token-budget) micro-batches on long-tailed response lengths: tokens/s,
+#            padding fraction, peak memory side by side (bench.gpu_learner --packing)
 # Part 2 (only where `import vllm` works): the vLLM actor tests (behaviour log-probs against the learner's
 #   recompute, an in-flight keep-mode update into the real engine).
 #
@@ -79,6 +81,7 @@ if [ "$DRY" = 1 ]; then
   run ckpt   240 "$PYTHON" -m bench.gpu_check ckpt --cpu-dry
   run sync   120 "$PYTHON" -m bench.gpu_check sync --cpu-dry
   run nccl   30  "$PYTHON" -m bench.gpu_check nccl --cpu-dry
+  run packing 240 "$PYTHON" -m bench.gpu_learner --packing --tiny --steps 1
 else
   run loss   50  "$PYTHON" -m bench.gpu_check loss
   run step   130 "$PYTHON" -m bench.gpu_learner --seq 4096 --samples 2 --warmup 1 --steps 2
@@ -86,12 +89,13 @@ else
   run ckpt   60  "$PYTHON" -m bench.gpu_check ckpt
   run sync   50  "$PYTHON" -m bench.gpu_check sync
   run nccl   70  "$PYTHON" -m bench.gpu_check nccl
+  run packing 70  "$PYTHON" -m bench.gpu_learner --packing
 fi
 
 if [ "$DRY" = 1 ]; then
   say "== vllm: SKIPPED (--cpu-dry; on CPU these are tests/integration/test_actors_vllm.py's own run)"
 elif "$PYTHON" -c "import vllm" >/dev/null 2>&1; then
-  left=$(( 470 - ($(date +%s) - T0) ))
+  left=$(( 475 - ($(date +%s) - T0) ))
   if [ "$left" -gt 60 ]; then
     run vllm "$left" "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/integration/test_actors_vllm.py \
       -k "behaviour_logprobs or keep_mode_update"

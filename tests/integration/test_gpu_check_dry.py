@@ -24,7 +24,7 @@ def test_gpu_check_cpu_dry_runs_every_cpu_part(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), "--cpu-dry"], env=env, capture_output=True, text=True, timeout=900)
     log = (tmp_path / "gpu_check.log").read_text()
     assert r.returncode == 0, log[-4000:]
-    for check in ("loss", "step", "memory", "ckpt", "sync", "nccl"):
+    for check in ("loss", "step", "memory", "ckpt", "sync", "nccl", "packing"):
         assert f"== {check}: PASS" in log, log[-4000:]
     assert "== vllm: SKIPPED (--cpu-dry" in log
     assert '"check": "sync", "ok": true' in log and '"bit_exact": true' in log
