@@ -22,13 +22,17 @@ from typing import Any, Optional, Protocol
 
 class BufferRole(Protocol):
     """The replay buffer's service (`buffer.service.BufferService`): it serves the ZMQ protocol of
-    `archer_async.wire` on its own threads; the launcher only reads its metrics and stops it."""
+    `archer_async.wire` on its own threads; the launcher only reads its metrics and counters and stops it."""
 
     def endpoints(self) -> dict:
         """{"ingest": url, "control": url, ...}: where producers and consumers connect."""
 
     def metrics(self) -> dict:
         """Buffer metrics of the current step (`buffer/*` names, see docs/architecture.md)."""
+
+    def stats(self) -> dict:
+        """The buffer's own counters (`stored_total`, `dropped_filtered`, `dropped_stale`,
+        `dropped_by_reason`, ...): what the no-progress watchdog reads."""
 
     def set_version(self, version: int) -> None:
         """Sync mode: the learner version the actors now serve (admission follows it)."""
