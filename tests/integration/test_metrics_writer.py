@@ -18,11 +18,14 @@ from archer_async.metrics import (ACTOR_METRICS_FILE, METRIC_NAMES, METRICS_FILE
                                   MetricsWriter, append_actor_metrics, read_actor_metrics, read_metrics,
                                   read_run_status, staleness_histogram, write_run_status)
 
-# docs/architecture.md section 7, in its order: one name set for metrics.jsonl, wandb and the dashboard.
+# docs/architecture.md section 7, in its order, then the buffer's drops per step by reason and the actors'
+# idle fraction: one name set for metrics.jsonl, wandb and the dashboard.
 SPEC_NAMES = """step version reward/mean actor/tokens_per_s learner/tokens_per_s buffer/size buffer/dropped_stale
 staleness/mean staleness/max sync/seconds learner/wait_for_data_s actor/wait_for_weights_s loss/pg loss/kl_low
 loss/clipfrac_low loss/clipfrac_high is/rho_mean is/rho_max is/truncated_frac is/ess is/mismatch_kl entropy/mean
-groups/solve_none groups/solve_all reward/infra_errors grad_norm lr eval/accuracy eval/pass_at_k""".split()
+groups/solve_none groups/solve_all reward/infra_errors grad_norm lr eval/accuracy eval/pass_at_k
+groups/dropped_solve_none groups/dropped_solve_all groups/dropped_stale groups/dropped_infra_error
+actor/idle_frac""".split()
 
 
 def test_metric_names_are_the_spec_list():
