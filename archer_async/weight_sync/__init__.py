@@ -5,10 +5,10 @@ layout, packing and chunking of the bytes."""
 
 from archer_async.weight_sync.protocol import (
     Control, Endpoint, SyncInit, WeightSyncError, free_port, gloo_broadcast_chunks, gloo_group, make_sync_init,
-    nccl_broadcast, nccl_group, receiver_rank, sync_init_from_config,
+    nccl_broadcast, nccl_group, receiver_rank,
 )
 
 __all__ = [
     "Control", "Endpoint", "SyncInit", "WeightSyncError", "free_port", "gloo_broadcast_chunks", "gloo_group",
-    "make_sync_init", "nccl_broadcast", "nccl_group", "receiver_rank", "sync_init_from_config",
+    "make_sync_init", "nccl_broadcast", "nccl_group", "receiver_rank",
 ]

@@ -3,7 +3,7 @@
 What both ends of the wire share, so that the learner (sender: `learner.weight_sender.WeightSender`)
 and the actors' inference workers (receivers: `actors.weight_receiver.WeightReceiver`, inside
 vLLM through `actors.vllm_weight_engine`, or stand-alone) agree on one protocol: the group's init info
-(`SyncInit`, `make_sync_init`, `sync_init_from_config`), the control plane (`Control`), the
+(`SyncInit`, `make_sync_init`), the control plane (`Control`), the
 data-plane collectives (`gloo_group`, `gloo_broadcast_chunks`, `nccl_group`, `nccl_broadcast`) and
 the state both ends hold (`Endpoint`). The protocol itself is described here; this module imports
 neither end.
@@ -189,16 +189,6 @@ def make_sync_init(num_actors: int, backend: str = "gloo", host: str = "127.0.0.
         timeout_s=float(timeout_s),
         rank=0,
     )
-
-
-def sync_init_from_config(cfg, host: Optional[str] = None) -> SyncInit:
-    """The launcher's SyncInit for a run config (`archer_async.config.Config`): backend "auto" is nccl
-    when both learner ranks and actors have GPUs, gloo otherwise; host/port/deadline from cfg.sync."""
-    backend = cfg.sync.backend
-    if backend == "auto":
-        backend = "nccl" if cfg.learner.gpus_per_rank > 0 and cfg.actors.gpus_per_actor > 0 else "gloo"
-    return make_sync_init(cfg.actors.num_actors, backend=backend, host=host or cfg.sync.host or "127.0.0.1",
-                          timeout_s=cfg.sync.timeout_s, store_port=cfg.sync.store_port)
 
 
 # ----------------------------------------------------------------------------------------------
