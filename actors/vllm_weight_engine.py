@@ -82,6 +82,7 @@ class ArcherInitInfo(WeightTransferInitInfo):
     timeout_s: float = 120.0
     rank: int = 1
     staged: bool = True
+    token: str = ""
 
 
 @dataclasses.dataclass
@@ -110,7 +111,8 @@ class ArcherWeightTransferEngine(WeightTransferEngine[ArcherInitInfo, ArcherUpda
         # Workers of one actor (tensor/pipeline parallel) take consecutive ranks after its first.
         worker = pc.data_parallel_index * pc.world_size + pc.rank
         info = SyncInit(host=init_info.host, store_port=init_info.store_port, world_size=init_info.world_size,
-                        backend=init_info.backend, timeout_s=init_info.timeout_s, rank=init_info.rank + worker)
+                        backend=init_info.backend, timeout_s=init_info.timeout_s, rank=init_info.rank + worker,
+                        token=init_info.token)
         self.staged = bool(init_info.staged)
         # nccl: the communicator is built by the first update (every member joins it then, concurrently),
         # and rebuilt when the membership changes; here only the control store is reached.

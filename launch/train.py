@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -186,6 +187,7 @@ class Run:
         rank0 = self.hosts["learner0"]
         node_ip = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
         master_addr = cfg.sync.host or (node_ip if cfg.launch.ray_address else "127.0.0.1")
+        pg_token = secrets.token_hex(16)  # the learner group's rendezvous keys live under it (secret_namespace)
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
         members = ["learner0"] + [f"actor{i}" for i in range(cfg.actors.num_actors)]  # the transfer group
         gpus = wait([self.hosts[m].gpu_ids.remote() for m in members], deadline, "placement", members)
@@ -198,7 +200,7 @@ class Run:
         nodes = construct_all(self.hosts, specs, deadline)  # actors and learners find the buffer in run_dir
         for r in range(cfg.learner.num_ranks):
             specs[f"learner{r}"] = (LEARNER, (cfg, r, cfg.learner.num_ranks, master_addr, master_port, run_dir,
-                                              str(pre.model_path)))
+                                              str(pre.model_path), pg_token))
         for i in range(cfg.actors.num_actors):
             specs[f"actor{i}"] = self._actor_spec(i, version0)
         del specs["buffer"]

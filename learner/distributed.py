@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from archer_async.weight_sync.protocol import tcp_store
+from archer_async.weight_sync.protocol import secret_namespace, tcp_store
 
 
 def pick_device(gpus_per_rank: float) -> torch.device:
@@ -28,15 +28,18 @@ def pick_device(gpus_per_rank: float) -> torch.device:
 
 
 def init_process_group(
-    rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device, timeout_s: float
+    rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device, timeout_s: float,
+    store_token: str = "",
 ) -> DeviceMesh:
-    """Join (or reuse) the learner's default process group and return a 1-D device mesh over it."""
+    """Join (or reuse) the learner's default process group and return a 1-D device mesh over it.
+    `store_token`: the secret every rendezvous key lives under (`secret_namespace`; the launcher picks one
+    per run, so a client of the store's port without it cannot read or set the group's keys)."""
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = _dt.timedelta(seconds=timeout_s)
         # rank 0's rendezvous store listens on master_addr only (a tcp:// init_method binds every interface)
-        store = tcp_store(master_addr, int(master_port), rank == 0, timeout, world_size=world_size,
-                          wait_for_workers=False)
+        store = secret_namespace(tcp_store(master_addr, int(master_port), rank == 0, timeout,
+                                           world_size=world_size, wait_for_workers=False), store_token)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     assert dist.get_rank() == rank and dist.get_world_size() == world_size, "process group does not match rank/world"
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))

@@ -68,6 +68,7 @@ class Learner(LearnerRole):
         master_port: int = 29500,
         run_dir: Optional[Union[str, Path]] = None,
         model_path: Optional[Union[str, Path]] = None,
+        store_token: str = "",
     ) -> None:
         self.cfg = cfg
         self.lcfg = cfg.learner
@@ -80,7 +81,7 @@ class Learner(LearnerRole):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.mesh = init_process_group(
-            rank, world_size, master_addr, master_port, self.device, cfg.launch.startup_timeout_s
+            rank, world_size, master_addr, master_port, self.device, cfg.launch.startup_timeout_s, store_token
         )
         torch.manual_seed(self.lcfg.seed + rank)
         random.seed(self.lcfg.seed + rank)

@@ -86,6 +86,7 @@ import collections
 import dataclasses
 import datetime
 import json
+import secrets
 import socket
 import threading
 import time
@@ -118,6 +119,10 @@ class SyncInit:
     """Deadline of one update (handshake + data + acknowledgement) and of `connect()`."""
     rank: int = 0
     """This process's rank: 0 for the sender, 1..world_size-1 for receivers."""
+    token: str = ""
+    """The group's secret: every key of the control store lives under it. torch's TCPStore has no
+    authentication and no way to list keys, so a client that reaches the port without the token can
+    neither read nor set anything the group uses ("": no namespace, for tests only)."""
 
     def for_rank(self, rank: int) -> "SyncInit":
         """A copy addressed to `rank`."""
@@ -168,6 +173,13 @@ def tcp_store(host: str, port: int, is_master: bool, timeout: datetime.timedelta
     return store
 
 
+def secret_namespace(store: dist.Store, token: str) -> dist.Store:
+    """`store` with every key under the secret `token` ("" leaves it as is). What a TCPStore offers in
+    place of authentication: it has no key listing, so without the token nothing of the group's can be
+    read, overwritten or deleted by another client of the port."""
+    return dist.PrefixStore(f"{token}/", store) if token else store
+
+
 def receiver_rank(actor_index: int, workers_per_actor: int = 1) -> int:
     """Transfer-group rank of actor `actor_index`'s first inference worker."""
     return 1 + actor_index * workers_per_actor
@@ -188,6 +200,7 @@ def make_sync_init(num_actors: int, backend: str = "gloo", host: str = "127.0.0.
         backend=backend,
         timeout_s=float(timeout_s),
         rank=0,
+        token=secrets.token_hex(16),
     )
 
 
@@ -200,17 +213,17 @@ class Control:
     PREFIX = "archer-ws/"
 
     def __init__(self, init: SyncInit, is_master: bool, timeout_s: float):
-        self.host, self.port = init.host, init.store_port
+        self.host, self.port, self.token = init.host, init.store_port, init.token
         self.timeout = datetime.timedelta(seconds=max(1.0, timeout_s))
-        self.store = tcp_store(init.host, init.store_port, is_master,
-                               datetime.timedelta(seconds=max(1.0, timeout_s)))
+        self.store = secret_namespace(tcp_store(init.host, init.store_port, is_master,
+                                                datetime.timedelta(seconds=max(1.0, timeout_s))), init.token)
 
     def client(self, prefix: str, deadline: float):
         """A second client of this store (its own connection, blocking calls bounded by the deadline),
         under `prefix`: a rendezvous blocked in it never holds up this client's calls."""
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=_remaining(deadline),
                               wait_for_workers=False)
-        return dist.PrefixStore(prefix, store)
+        return dist.PrefixStore(prefix, secret_namespace(store, self.token))
 
     def set(self, key: str, value: Any) -> None:
         self.store.set(self.PREFIX + key, json.dumps(value))
