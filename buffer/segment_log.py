@@ -206,6 +206,11 @@ def _frames(records: list) -> Iterator:
         yield from rec[1]
 
 
+def _naming(e: OSError, path) -> OSError:
+    """`e` with the file it concerns (os.write's errors name none): "No space left on device: PATH"."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
+
 def _write_all(fd: int, bufs: list) -> None:
     """writev everything in `bufs` (handles short writes and IOV_MAX)."""
     i = 0
@@ -462,14 +467,14 @@ class SegmentLog:
                 self._no_direct(r.error)
             except _ShortDirectWrite:
                 os.ftruncate(self._fd, point.start)  # no partial record remains; written buffered below
-            except OSError:
+            except OSError as e:
                 os.ftruncate(self._fd, point.start)
-                raise
+                raise _naming(e, self._path(point.segment, False)) from e
         try:
             _write_all(self._fd, list(_frames(point.records)))
-        except OSError:
+        except OSError as e:
             os.ftruncate(self._fd, point.start)
-            raise
+            raise _naming(e, self._path(point.segment, False)) from e
         self._written = point.size
 
     def _write_direct(self, point: SyncPoint) -> None:

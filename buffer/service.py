@@ -50,6 +50,8 @@ class BufferService(BufferRole):
         self._client = BufferClient(self._endpoints, wire.load_secret(run_dir), client_id="buffer-service")
 
     def _check(self) -> None:
+        if isinstance(self._error, OSError):
+            raise self._error  # as it is: errno and file name travel to the driver (a full disk is named)
         if self._error is not None:
             raise RuntimeError(f"buffer server failed: {self._error!r}") from self._error
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from archer_async.fsio import disk_full
 from archer_async.roles import RoleSpec
 
 
@@ -196,6 +197,9 @@ def _get(ref, what: str, who: str):
         raise RoleDied(f"{who}: the process died during {what}: {e}") from None
     except RayTaskError as e:
         cause = getattr(e, "cause", None) or e
+        full = disk_full(cause)
+        if full:  # one line naming the file, whichever role's call ran into it
+            raise RoleCallFailed(f"{who}: {full}") from None
         raise RoleCallFailed(f"{who}: {what} failed: {type(cause).__name__}: {cause}") from None
 
 

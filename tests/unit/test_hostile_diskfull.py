@@ -91,3 +91,45 @@ def test_checkpoint_on_a_full_disk_one_line_and_previous_intact(small_disk):
     assert latest_checkpoint(root) == first
     assert {p.name: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
     assert json.loads((first / "learner_state.json").read_text()) == {"step": 1}
+
+
+def test_buffer_log_names_its_file_on_a_full_disk(small_disk):
+    from buffer.segment_log import SegmentLog
+
+    log = SegmentLog(small_disk / "buffer", fsync=True)
+    log.append([(1, [b"acknowledged"])])
+    _fill(small_disk)
+    with pytest.raises(OSError) as e:
+        log.append([(1, [b"x" * 65536])])
+        log.sync()
+    assert disk_full(e.value).startswith(f"No space left on device: {small_disk / 'buffer'}"), disk_full(e.value)
+
+
+def test_a_log_file_on_a_full_disk_says_so_once(tmp_path, capfd):
+    import logging
+
+    from launch.runlog import _LogFile
+
+    class FullDiskStream:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    handler = _LogFile(tmp_path / "driver.log")
+    handler.stream.close()
+    handler.stream = FullDiskStream()
+    log = logging.getLogger("test-full-disk-log")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for i in range(20):
+            log.warning("line %d", i)
+    finally:
+        log.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"[archer-async] log file {tmp_path / 'driver.log'}: No space left on device; "
+                     "its further lines are dropped"], err
