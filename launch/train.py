@@ -45,7 +45,9 @@ from archer_async.roles import ACTOR, BUFFER, LEARNER
 from launch import cluster
 from launch.runlock import RunLock
 from launch.progress import ProgressWatch
-from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
+from launch.roles import (
+    RoleDied, RoleError, RoleHandle, await_placement, construct_all, dead_roles, place, wait,
+)
 
 log = logging.getLogger("launch")
 
@@ -79,6 +81,12 @@ class Run:
         self.staleness_bound = initial_staleness(cfg.buffer)  # eta the buffer enforces (auto: moves)
         self.run_dir = Path(cfg.run_dir).resolve()
         self.hosts: dict[str, Any] = {}
+        self.where: dict[str, dict] = {}   # role -> {"node_id", "ip", "run_dir"}: where it runs and writes
+        self.buffer_kwargs: dict = {}      # the buffer's endpoints and secret, as learners and actors get them
+        self.last_checkpoint: Optional[str] = None  # the newest committed checkpoint (on learner rank 0's node)
+        self.here: tuple = ()              # (Ray node id, run directory) of the driver
+        self.constructing = False          # roles began to be constructed (the shutdown stops them)
+        self._actor_rows_next: dict[int, int] = {}  # actor -> its next metrics row to copy (actors elsewhere)
         self.learners: list = []
         self.actors: list = []
         self.buffer = None
@@ -111,7 +119,7 @@ class Run:
         except BaseException:
             lock.release(cleanup=True)
             raise
-        if self.resume and self._finished(pre):
+        if self.resume and not pre.on_nodes and self._finished(pre):
             return 0
         old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
@@ -135,8 +143,8 @@ class Run:
         write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid(), error=None)
         status, rc, error = "failed", 1, None
         try:
-            self._start_roles(pre)
-            self._loop(pre)
+            if self._start_roles(pre):
+                self._loop(pre)
             status, rc = "finished", 0
         except KeyboardInterrupt:
             _console("interrupted: stopping every role (the last checkpoint stays valid)")
@@ -147,7 +155,7 @@ class Run:
                 raise
             msg = f"{full} (writing the run's files)" if isinstance(e, OSError) else str(e)  # one line, no traceback
             _console(f"error: {msg}")
-            if (self.run_dir / "checkpoints" / "latest").is_file():
+            if self.last_checkpoint is not None or (self.run_dir / "checkpoints" / "latest").is_file():
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
             self.role_died = isinstance(e, RoleDied)
             status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), msg
@@ -164,8 +172,9 @@ class Run:
         return rc
 
     # ------------------------------------------------------------------------------------------
-    def _start_roles(self, pre: "cluster.Preflight") -> None:
-        """Place every role by its declared resources, then construct them (deadline: launch.startup_timeout_s)."""
+    def _start_roles(self, pre: "cluster.Preflight") -> bool:
+        """Place every role by its declared resources, then construct them (deadline: launch.startup_timeout_s).
+        False: a resumed run that turned out complete (read on its nodes): nothing was constructed."""
         cfg, run_dir, env = self.cfg, str(self.run_dir), cluster.role_env()
         t0, deadline = time.time(), cfg.launch.startup_timeout_s
         _console(f"starting roles: buffer, {cfg.learner.num_ranks} learner rank(s), {cfg.actors.num_actors} actor(s)")
@@ -181,10 +190,16 @@ class Run:
                                             num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label,
                                             env=env)
         self.actors = [RoleHandle(self.hosts[f"actor{i}"], ACTOR) for i in range(cfg.actors.num_actors)]
+        await_placement(self.hosts, deadline)
+        self.where = dict(zip(self.hosts, wait([h.where.remote() for h in self.hosts.values()], 60, "placement",
+                                               list(self.hosts))))
+        if pre.on_nodes and not self._resume_state_on_nodes(pre):
+            return False
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
         # Both stores listen on this address only (sync.host; by default loopback on a local cluster).
+        # Every port is picked on the node that binds it (rank 0's ports here, the buffer's by the buffer).
         rank0 = self.hosts["learner0"]
-        node_ip = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        node_ip = self.where["learner0"]["ip"]
         master_addr = cfg.sync.host or (node_ip if cfg.launch.ray_address else "127.0.0.1")
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
         members = ["learner0"] + [f"actor{i}" for i in range(cfg.actors.num_actors)]  # the transfer group
@@ -194,19 +209,65 @@ class Run:
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         self.model_path, self.version0 = str(pre.model_path), version0
-        specs = {"buffer": (BUFFER, (cfg, run_dir, restore_buffer))}
-        nodes = construct_all(self.hosts, specs, deadline)  # actors and learners find the buffer in run_dir
+        self.constructing = True  # from here on, the shutdown stops roles
+        bcfg = cfg.model_copy(deep=True)
+        bcfg.buffer.host = buffer_bind_host(cfg.buffer.host, self.where)
+        nodes = construct_all(self.hosts, {"buffer": (BUFFER, (bcfg, run_dir, restore_buffer))}, deadline)
+        # learners and actors get the buffer's address and secret from the buffer role, over Ray
+        endpoints, secret = wait([self.buffer.endpoints(), self.buffer.secret()], 60, "endpoints", ["buffer"])
+        self.buffer_kwargs = {"buffer_endpoints": endpoints, "buffer_secret": secret}
+        log.info("buffer listens on %s (ingest) and %s (control)", endpoints["ingest"], endpoints["control"])
+        specs: dict[str, tuple] = {}
         for r in range(cfg.learner.num_ranks):
             specs[f"learner{r}"] = (LEARNER, (cfg, r, cfg.learner.num_ranks, master_addr, master_port, run_dir,
-                                              str(pre.model_path)))
+                                              str(pre.model_path)), dict(self.buffer_kwargs))
         for i in range(cfg.actors.num_actors):
             specs[f"actor{i}"] = self._actor_spec(i, version0)
-        del specs["buffer"]
         nodes.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
         for role, node in nodes.items():
             log.info("%s on %s", role, node)
         self._write_pids()
         _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
+        self._note_remote_files()
+        return True
+
+    def _resume_state_on_nodes(self, pre: "cluster.Preflight") -> bool:
+        """Resume on a cluster without a shared disk: read the latest checkpoint on learner rank 0's node
+        and check the buffer log on the buffer's node (a problem is a UserError, as in preflight); False
+        when the run is already complete (nothing more starts)."""
+        got, blog = wait([self.hosts["learner0"].inspect.remote("launch.cluster:resume_state_on_node"),
+                          self.hosts["buffer"].inspect.remote("launch.cluster:buffer_log_on_node")],
+                         600, "resume checks", ["learner0", "buffer"])
+        if "error" in got:
+            raise UserError(f"{got['error']} (learner rank 0's node {self.where['learner0']['ip']})")
+        if blog["problem"]:
+            raise UserError(f"{blog['problem']} (the buffer's node {self.where['buffer']['ip']})")
+        if (got["state"].get("extra_state") or {}).get("buffer") and not blog["has_log"]:
+            raise UserError(f"{self.where['buffer']['run_dir']}/buffer/log: not on the node the buffer was placed on "
+                            f"({self.where['buffer']['ip']}); the buffer must run where its log is (buffer.node_label)")
+        pre.checkpoint, pre.restore = Path(got["checkpoint"]), got["state"]
+        step, total = int(pre.restore["step"]), self.cfg.learner.total_steps
+        if step >= total and got["exported"]:
+            _console(f"the run is complete: step {step} of learner.total_steps={total}, exported to "
+                     f"{Path(got['checkpoint']).parent.parent / 'hf' / f'step-{step}'} on learner rank 0's node; "
+                     f"`archer-async resume {self.cfg.run_dir} learner.total_steps=N` trains on to step N")
+            return False
+        return True
+
+    def _note_remote_files(self) -> None:
+        """RUN_DIR/nodes.json: each role's node and its run directory there; the driver log says which
+        roles keep their files on another node (checkpoints and HF exports on learner rank 0's, the
+        buffer log on the buffer's) when any does."""
+        import json
+
+        self.here = (_driver_node_id(), str(self.run_dir))
+        atomic_write_text(self.run_dir / "nodes.json", json.dumps(self.where, indent=1, sort_keys=True))
+        away = {r: w for r, w in self.where.items() if (w["node_id"], w["run_dir"]) != self.here}
+        for role in ("learner0", "buffer"):
+            if role in away:
+                what = "checkpoints and HF exports" if role == "learner0" else "the buffer log"
+                _console(f"{what}: {away[role]['run_dir']} on node {away[role]['ip']} "
+                         f"({away[role]['node_id'][:8]}), not on the driver's node")
 
     def _finished(self, pre: "cluster.Preflight") -> bool:
         """A resume of a run whose last checkpoint is its final step and whose final export exists: says
@@ -226,6 +287,7 @@ class Run:
         if self.resume:
             extra = self._learners(lambda h: h.load_checkpoint(str(pre.checkpoint)), what="checkpoint restore")[0] or {}
             start_step, version = int(pre.restore["step"]), int(pre.restore["version"])
+            self.last_checkpoint = str(pre.checkpoint)
             self.actor_states = list(extra.get("actors", []))
             for i, (a, st) in enumerate(zip(self.actors, self.actor_states)):
                 self._actor_call(i, lambda a: a.load_data_state(st), what="data cursor restore")
@@ -257,6 +319,7 @@ class Run:
                    "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
+            self._copy_actor_rows(range(len(self.actors)))
             row.update(self._buffer_metrics())
             if cfg.launch.eval_every and (step % cfg.launch.eval_every == 0 or step == total):
                 self._evaluate(step, row)
@@ -368,7 +431,7 @@ class Run:
         """construct_all spec of actor i, loading weights labelled `version`."""
         return (ACTOR, (self.cfg, i, str(self.run_dir)),
                 {"sync_init": self.sync_init.for_rank(i + 1).to_dict(), "model_path": self.model_path,
-                 "initial_version": int(version)})
+                 "initial_version": int(version), **self.buffer_kwargs})
 
     def _sync_weights(self, version: int, serving: Optional[int] = None) -> dict:
         """Learner ranks gather and send; actors receive and load in flight. One call per role.
@@ -440,6 +503,8 @@ class Run:
             self.hosts[role] = host
             self.actors[i] = RoleHandle(host, ACTOR)
             construct_all(self.hosts, {role: self._actor_spec(i, version)}, cfg.launch.startup_timeout_s)
+            self.where[role] = wait(host.where.remote(), 60, "placement", [role])
+            self._actor_rows_next.pop(i, None)  # a new process counts its rows from 0
             if i < len(self.actor_states) and self.actor_states[i]:
                 wait(self.actors[i].load_data_state(self.actor_states[i]), 60, "data cursor restore", [role])
             fresh.append(i)
@@ -481,6 +546,26 @@ class Run:
                 "actor/idle_frac": sum(idles) / len(idles) if idles else 0.0,
                 "actor/in_flight": sum(s.get("actor/in_flight", 0) for s in stats)}
 
+    def _copy_actor_rows(self, live: Collection[int]) -> None:
+        """Append the new metrics rows of every live actor that writes on another node (or another view
+        of the run directory) to the driver's actor_metrics.jsonl, which the dashboard reads."""
+        from archer_async.metrics import append_actor_metrics
+
+        if not self.here:  # roles not started by this driver
+            return
+        away = [i for i in live if (self.where.get(f"actor{i}", {}).get("node_id"),
+                                    self.where.get(f"actor{i}", {}).get("run_dir")) != self.here]
+        refs = {i: self.actors[i].metric_rows(self._actor_rows_next.get(i, 0)) for i in away}
+        for i, ref in refs.items():
+            try:
+                got = wait(ref, 30, "actor metrics", [f"actor{i}"])
+            except RoleError as e:
+                log.warning("actor metrics: %s", e)
+                continue
+            for row in got["rows"]:
+                append_actor_metrics(self.run_dir, row)
+            self._actor_rows_next[i] = int(got["next"])
+
     def _buffer_metrics(self) -> dict:
         s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
         out = {k: v for k, v in s.items() if isinstance(v, (int, float))}
@@ -516,6 +601,7 @@ class Run:
         extra = {"actors": actors}  # rank 0 adds the buffer's consumed state it holds
         path = self._learners(lambda h: h.save_checkpoint(step, extra), what=f"checkpoint step {step}")[0]
         self.actor_states = actors
+        self.last_checkpoint = str(path)
         log.info("checkpoint %s", path)
 
     def _start_dashboard(self) -> None:
@@ -531,7 +617,7 @@ class Run:
     def _shutdown(self) -> None:
         import ray
 
-        if ray.is_initialized():
+        if ray.is_initialized() and self.constructing:
             # every role stops concurrently within one deadline; after a role died, a collective close
             # could only wait for the dead peer, so the learners are then simply ended
             short = 20.0 if self.role_died else 60.0
@@ -563,6 +649,21 @@ def _stop_all(refs: list, timeout_s: float) -> None:
 DROP_REASONS = {"filtered:solve_none": "groups/dropped_solve_none", "filtered:solve_all": "groups/dropped_solve_all",
                 "stale": "groups/dropped_stale", "filtered:infra_error": "groups/dropped_infra_error"}
 """The buffer's drop reasons (buffer.table.DropInfo.reason) -> the per-step metric counting them."""
+
+
+def buffer_bind_host(host: str, where: dict) -> str:
+    """The address the buffer binds (buffer.host): as configured, or for auto 127.0.0.1 when every role
+    is on the buffer's node (`where`: role -> {"node_id", "ip", ...}), else the buffer node's IP."""
+    if host != "auto":
+        return host
+    node = where["buffer"]["node_id"]
+    return "127.0.0.1" if all(w["node_id"] == node for w in where.values()) else where["buffer"]["ip"]
+
+
+def _driver_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def drop_counts(totals: dict, previous: Optional[dict]) -> dict:
