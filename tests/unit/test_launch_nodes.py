@@ -68,3 +68,23 @@ def test_learners_and_actors_get_the_buffers_endpoints_and_secret_from_the_drive
     assert spec[1][2] == "/runs/x"  # the driver's path: each node maps it to its own view
     assert spec[2]["buffer_endpoints"]["ingest"] == "tcp://10.0.0.1:1"
     assert spec[2]["buffer_secret"] == b"s" * 32 and spec[2]["initial_version"] == 5
+
+
+def test_resume_reads_the_checkpoint_and_the_buffer_log_where_they_are(tmp_path):
+    import json
+
+    from launch.cluster import buffer_log_on_node, resume_state_on_node
+
+    got = resume_state_on_node(str(tmp_path))
+    assert "no checkpoint to resume from" in got["error"]  # one line, shown by the driver with the node
+    step = tmp_path / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "DONE").write_text("")
+    (step / "learner_state.json").write_text(json.dumps({"step": 3, "version": 3, "extra_state": {}}))
+    (tmp_path / "checkpoints" / "latest").write_text("step-3")
+    got = resume_state_on_node(str(tmp_path))
+    assert got["checkpoint"] == str(step) and got["state"]["version"] == 3 and got["exported"] is False
+    (tmp_path / "hf" / "step-3").mkdir(parents=True)
+    (tmp_path / "hf" / "step-3" / "config.json").write_text("{}")
+    assert resume_state_on_node(str(tmp_path))["exported"] is True
+    assert buffer_log_on_node(str(tmp_path)) == {"has_log": False, "problem": ""}
