@@ -89,6 +89,9 @@ def test_three_node_cluster_without_shared_disk_places_roles_by_label_and_trains
         where = json.loads((run_dir / "nodes.json").read_text())
         assert where["learner0"]["run_dir"] == str(view["learner"]) and where["buffer"]["run_dir"] == str(view["buffer"])
         assert "checkpoints and HF exports: " + str(view["learner"]) in run.output()
+        # the actor's metrics rows reach the driver's run directory (the dashboard's) over Ray
+        assert {r["actor_id"] for r in read_jsonl(run_dir / "actor_metrics.jsonl")} == {"actor0"}
+        assert (view["actor"] / "actor_metrics.jsonl").is_file()
 
         # resume from the driver: the checkpoint is read on the learner's node, the buffer log checked on
         # the buffer's; a complete run starts nothing, a longer one trains on from its checkpoint
