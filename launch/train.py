@@ -42,7 +42,7 @@ from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
 
-from launch import cluster
+from launch import cluster, nodes
 from launch.runlock import RunLock
 from launch.progress import ProgressWatch
 from launch.roles import (
@@ -193,7 +193,7 @@ class Run:
         await_placement(self.hosts, deadline)
         self.where = dict(zip(self.hosts, wait([h.where.remote() for h in self.hosts.values()], 60, "placement",
                                                list(self.hosts))))
-        if pre.on_nodes and not self._resume_state_on_nodes(pre):
+        if pre.on_nodes and not nodes.resume_state_on_nodes(self.hosts, self.where, cfg, pre, _console):
             return False
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
         # Both stores listen on this address only (sync.host; by default loopback on a local cluster).
@@ -211,8 +211,8 @@ class Run:
         self.model_path, self.version0 = str(pre.model_path), version0
         self.constructing = True  # from here on, the shutdown stops roles
         bcfg = cfg.model_copy(deep=True)
-        bcfg.buffer.host = buffer_bind_host(cfg.buffer.host, self.where)
-        nodes = construct_all(self.hosts, {"buffer": (BUFFER, (bcfg, run_dir, restore_buffer))}, deadline)
+        bcfg.buffer.host = nodes.buffer_bind_host(cfg.buffer.host, self.where)
+        placed = construct_all(self.hosts, {"buffer": (BUFFER, (bcfg, run_dir, restore_buffer))}, deadline)
         # learners and actors get the buffer's address and secret from the buffer role, over Ray
         endpoints, secret = wait([self.buffer.endpoints(), self.buffer.secret()], 60, "endpoints", ["buffer"])
         self.buffer_kwargs = {"buffer_endpoints": endpoints, "buffer_secret": secret}
@@ -223,51 +223,15 @@ class Run:
                                               str(pre.model_path)), dict(self.buffer_kwargs))
         for i in range(cfg.actors.num_actors):
             specs[f"actor{i}"] = self._actor_spec(i, version0)
-        nodes.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
-        for role, node in nodes.items():
+        placed.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
+        for role, node in placed.items():
             log.info("%s on %s", role, node)
         self._write_pids()
-        _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
-        self._note_remote_files()
+        _console(f"roles up in {time.time() - t0:.0f} s on {len(set(placed.values()))} node(s)")
+        self.here = nodes.driver_view(self.run_dir)
+        for line in nodes.write_nodes_file(self.run_dir, self.where, self.here):
+            _console(line)
         return True
-
-    def _resume_state_on_nodes(self, pre: "cluster.Preflight") -> bool:
-        """Resume on a cluster without a shared disk: read the latest checkpoint on learner rank 0's node
-        and check the buffer log on the buffer's node (a problem is a UserError, as in preflight); False
-        when the run is already complete (nothing more starts)."""
-        got, blog = wait([self.hosts["learner0"].inspect.remote("launch.cluster:resume_state_on_node"),
-                          self.hosts["buffer"].inspect.remote("launch.cluster:buffer_log_on_node")],
-                         600, "resume checks", ["learner0", "buffer"])
-        if "error" in got:
-            raise UserError(f"{got['error']} (learner rank 0's node {self.where['learner0']['ip']})")
-        if blog["problem"]:
-            raise UserError(f"{blog['problem']} (the buffer's node {self.where['buffer']['ip']})")
-        if (got["state"].get("extra_state") or {}).get("buffer") and not blog["has_log"]:
-            raise UserError(f"{self.where['buffer']['run_dir']}/buffer/log: not on the node the buffer was placed on "
-                            f"({self.where['buffer']['ip']}); the buffer must run where its log is (buffer.node_label)")
-        pre.checkpoint, pre.restore = Path(got["checkpoint"]), got["state"]
-        step, total = int(pre.restore["step"]), self.cfg.learner.total_steps
-        if step >= total and got["exported"]:
-            _console(f"the run is complete: step {step} of learner.total_steps={total}, exported to "
-                     f"{Path(got['checkpoint']).parent.parent / 'hf' / f'step-{step}'} on learner rank 0's node; "
-                     f"`archer-async resume {self.cfg.run_dir} learner.total_steps=N` trains on to step N")
-            return False
-        return True
-
-    def _note_remote_files(self) -> None:
-        """RUN_DIR/nodes.json: each role's node and its run directory there; the driver log says which
-        roles keep their files on another node (checkpoints and HF exports on learner rank 0's, the
-        buffer log on the buffer's) when any does."""
-        import json
-
-        self.here = (_driver_node_id(), str(self.run_dir))
-        atomic_write_text(self.run_dir / "nodes.json", json.dumps(self.where, indent=1, sort_keys=True))
-        away = {r: w for r, w in self.where.items() if (w["node_id"], w["run_dir"]) != self.here}
-        for role in ("learner0", "buffer"):
-            if role in away:
-                what = "checkpoints and HF exports" if role == "learner0" else "the buffer log"
-                _console(f"{what}: {away[role]['run_dir']} on node {away[role]['ip']} "
-                         f"({away[role]['node_id'][:8]}), not on the driver's node")
 
     def _finished(self, pre: "cluster.Preflight") -> bool:
         """A resume of a run whose last checkpoint is its final step and whose final export exists: says
@@ -547,24 +511,9 @@ class Run:
                 "actor/in_flight": sum(s.get("actor/in_flight", 0) for s in stats)}
 
     def _copy_actor_rows(self, live: Collection[int]) -> None:
-        """Append the new metrics rows of every live actor that writes on another node (or another view
-        of the run directory) to the driver's actor_metrics.jsonl, which the dashboard reads."""
-        from archer_async.metrics import append_actor_metrics
-
-        if not self.here:  # roles not started by this driver
-            return
-        away = [i for i in live if (self.where.get(f"actor{i}", {}).get("node_id"),
-                                    self.where.get(f"actor{i}", {}).get("run_dir")) != self.here]
-        refs = {i: self.actors[i].metric_rows(self._actor_rows_next.get(i, 0)) for i in away}
-        for i, ref in refs.items():
-            try:
-                got = wait(ref, 30, "actor metrics", [f"actor{i}"])
-            except RoleError as e:
-                log.warning("actor metrics: %s", e)
-                continue
-            for row in got["rows"]:
-                append_actor_metrics(self.run_dir, row)
-            self._actor_rows_next[i] = int(got["next"])
+        """The new metrics rows of actors that write on another node, into the driver's actor_metrics.jsonl."""
+        if self.here:  # roles started by this driver
+            nodes.copy_actor_rows(self.actors, live, self.where, self.here, self._actor_rows_next, self.run_dir)
 
     def _buffer_metrics(self) -> dict:
         s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
@@ -649,21 +598,6 @@ def _stop_all(refs: list, timeout_s: float) -> None:
 DROP_REASONS = {"filtered:solve_none": "groups/dropped_solve_none", "filtered:solve_all": "groups/dropped_solve_all",
                 "stale": "groups/dropped_stale", "filtered:infra_error": "groups/dropped_infra_error"}
 """The buffer's drop reasons (buffer.table.DropInfo.reason) -> the per-step metric counting them."""
-
-
-def buffer_bind_host(host: str, where: dict) -> str:
-    """The address the buffer binds (buffer.host): as configured, or for auto 127.0.0.1 when every role
-    is on the buffer's node (`where`: role -> {"node_id", "ip", ...}), else the buffer node's IP."""
-    if host != "auto":
-        return host
-    node = where["buffer"]["node_id"]
-    return "127.0.0.1" if all(w["node_id"] == node for w in where.values()) else where["buffer"]["ip"]
-
-
-def _driver_node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
 
 
 def drop_counts(totals: dict, previous: Optional[dict]) -> dict:

@@ -7,7 +7,7 @@ import pytest
 
 from archer_async.config import ConfigError, load_config
 from launch.roles import NODE_ROOT_ENV, node_run_dir
-from launch.train import buffer_bind_host
+from launch.nodes import buffer_bind_host
 
 
 def _where(**nodes: str) -> dict:
