@@ -45,6 +45,7 @@ from archer_async.types import TrajectoryGroup, Sample
 log = logging.getLogger(__name__)
 
 _REPORT_EVERY_S = 5.0
+_KEEP_METRIC_ROWS = 2048
 
 
 class SeqAllocator:
@@ -76,8 +77,11 @@ class RolloutActor(ActorRole):
     Args:
         cfg: the run config (or its dict form).
         actor_index: 0..num_actors-1; the actor id is "actor<index>", the data shard is index/num_actors.
-        run_dir: the run directory (buffer endpoints and secret, the seq high-water mark, actor metrics).
-        buffer_endpoints: {"ingest": url, "control": url}; None: read RUN_DIR/buffer/endpoints.json.
+        run_dir: this node's run directory (the seq high-water mark, acknowledgements, actor metrics;
+            the buffer's endpoints and secret when they are not given).
+        buffer_endpoints: {"ingest": url, "control": url} (the launcher passes the buffer role's);
+            None: read RUN_DIR/buffer/endpoints.json (the buffer on this node, same run directory).
+        buffer_secret: the run secret for buffer_endpoints; None: read RUN_DIR/buffer/secret.
         sync_init: this actor's `archer_async.weight_sync.SyncInit` (dict form, rank set); None: no
             weight updates (evaluation-only engines).
         initial_version: weight version the loaded weights are (tokens are labelled with it).
@@ -89,7 +93,7 @@ class RolloutActor(ActorRole):
 
     def __init__(self, cfg: "Config | dict", actor_index: int, run_dir: str, buffer_endpoints: Optional[dict] = None,
                  sync_init: Optional[dict] = None, *, initial_version: int = 0, model_path: Optional[str] = None,
-                 buffer_client: Any = None, connect_buffer: bool = True):
+                 buffer_client: Any = None, connect_buffer: bool = True, buffer_secret: Optional[bytes] = None):
         self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
         self.index = int(actor_index)
         self.actor_id = f"actor{self.index}"
@@ -99,6 +103,7 @@ class RolloutActor(ActorRole):
         self.model_path = str(model_path or self.cfg.model.path or self._tiny_path())
         self.seq = SeqAllocator(self.run_dir / "actors" / f"{self.actor_id}.json")
         self._buffer_endpoints = buffer_endpoints
+        self._buffer_secret = buffer_secret
         self._buffer = buffer_client
         self._connect_buffer = connect_buffer
         self._sync_init = None if sync_init is None else dict(sync_init.to_dict() if hasattr(sync_init, "to_dict") else sync_init)
@@ -130,6 +135,8 @@ class RolloutActor(ActorRole):
         self._started_at = time.monotonic()
         self.error: Optional[BaseException] = None
         self.acked_group_ids: deque[str] = deque(maxlen=100_000)  # acknowledged by the buffer (newest last)
+        self._metric_rows: deque[dict] = deque(maxlen=_KEEP_METRIC_ROWS)  # newest actor metrics rows
+        self._metric_rows_total = 0              # rows reported since this actor started
         self._tasks: set[asyncio.Task] = set()
 
         self._loop = asyncio.new_event_loop()
@@ -181,8 +188,9 @@ class RolloutActor(ActorRole):
             if self._buffer_endpoints is not None:
                 from archer_async import wire
 
-                self._buffer = BufferClient(self._buffer_endpoints, wire.load_secret(self.run_dir),
-                                            run_dir=self.run_dir, client_id=self.actor_id)
+                # given endpoints are the buffer role's own (over Ray): no file of this node is read for them
+                secret = self._buffer_secret if self._buffer_secret is not None else wire.load_secret(self.run_dir)
+                self._buffer = BufferClient(self._buffer_endpoints, secret, client_id=self.actor_id)
             else:
                 self._buffer = BufferClient.from_run_dir(self.run_dir, client_id=self.actor_id)
         return self._buffer
@@ -270,6 +278,13 @@ class RolloutActor(ActorRole):
             "updates": len(self.updates), "error": None if self.error is None else repr(self.error),
             "engine_dead": bool(getattr(self.engine, "dead", False)),
         }
+
+    def metric_rows(self, since: int = 0) -> dict:
+        """The actor metrics rows this actor reported (also in its node's RUN_DIR/actor_metrics.jsonl)
+        from row `since` on, of the newest ones kept: {"next": the `since` of the next call, "rows"}."""
+        rows, total = list(self._metric_rows), self._metric_rows_total
+        first = total - len(rows)
+        return {"next": total, "rows": rows[max(0, int(since) - first):]}
 
     def idle_total(self) -> float:
         """Seconds spent with no prompt in flight waiting for admission, the current wait included."""
@@ -452,10 +467,12 @@ class RolloutActor(ActorRole):
             s = self.stats()
             now, idle = time.monotonic(), s["idle_s"]
             try:
-                writer.log(tokens_per_s=s["actor/tokens_per_s"], wait_for_weights_s=self.wait_for_weights_s - last_wait,
-                           in_flight=s["actor/in_flight"], versions=s["actor/versions"], version=self.version,
-                           idle_frac=min(1.0, max(0.0, (idle - last_idle) / max(1e-6, now - last_t))),
-                           samples_generated_total=s["samples_generated"])
+                row = writer.log(tokens_per_s=s["actor/tokens_per_s"], wait_for_weights_s=self.wait_for_weights_s - last_wait,
+                                 in_flight=s["actor/in_flight"], versions=s["actor/versions"], version=self.version,
+                                 idle_frac=min(1.0, max(0.0, (idle - last_idle) / max(1e-6, now - last_t))),
+                                 samples_generated_total=s["samples_generated"])
+                self._metric_rows.append(row)
+                self._metric_rows_total += 1
             except Exception as e:  # metrics must never stop generation
                 log.warning("%s: actor metrics: %s", self.actor_id, e)
             last_wait, last_idle, last_t = self.wait_for_weights_s, idle, now

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import annotated_types as _at
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
@@ -28,6 +28,20 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """Bad user configuration: the message names the key, file or line."""
+
+
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?")
+"""A host name or an IPv4 address (no scheme, no port)."""
+
+
+def _is_ip(v: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -172,10 +186,20 @@ class BufferConfig(_Section):
     boundary). Where the filesystem refuses it (e.g. tmpfs) the buffer warns and writes buffered."""
     segment_bytes: int = Field(64 * 1024 * 1024, ge=1)
     """Segment files are sealed and a new one started beyond this size."""
-    host: str = "127.0.0.1"
-    """Address the buffer's sockets bind to. Keep loopback unless actors run on other nodes."""
+    host: str = "auto"
+    """Address the buffer's sockets bind to (and the one learners and actors connect to). auto: 127.0.0.1
+    when every role of the run is on the buffer's node, else the buffer node's IP as Ray knows it (a
+    standalone `python -m buffer`: 127.0.0.1). An IP address or host name binds there. Every message is
+    authenticated with the run's secret whatever the address."""
     port: int = Field(0, ge=0, le=65535)
     """First port of the buffer's sockets; 0 picks free ports."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v != "auto" and not (_HOST_RE.fullmatch(v or "") if ":" not in v else _is_ip(v)):
+            raise ValueError(f"{v!r} is neither auto, an IP address nor a host name")
+        return v
     node_label: Optional[str] = None
     """Ray custom resource the buffer's node must have; None: anywhere."""
     admission_batch_groups: Optional[int] = Field(None, ge=1)

@@ -27,6 +27,9 @@ class BufferRole(Protocol):
     def endpoints(self) -> dict:
         """{"ingest": url, "control": url, ...}: where producers and consumers connect."""
 
+    def secret(self) -> bytes:
+        """The run's secret, which every message to the buffer is authenticated with."""
+
     def metrics(self) -> dict:
         """Buffer metrics of the current step (`buffer/*` names, see docs/architecture.md)."""
 
@@ -81,6 +84,10 @@ class ActorRole(Protocol):
 
     def stats(self) -> dict:
         """Counters and rates for the step's metrics and the health check."""
+
+    def metric_rows(self, since: int = 0) -> dict:
+        """Its actor metrics rows from row `since` on: {"next", "rows"} (the driver copies them into its
+        own run directory when the actor writes on another node)."""
 
     def data_state(self) -> dict:
         """The resumable data cursor (checkpointed by the launcher)."""

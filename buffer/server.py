@@ -142,7 +142,7 @@ class BufferServer:
         return sock
 
     def _bind(self) -> dict:
-        host = self.cfg.host
+        host = "127.0.0.1" if self.cfg.host == "auto" else self.cfg.host  # the launcher resolves auto itself
         wanted: list[Optional[int]] = [None, None]
         if self.cfg.port:
             wanted = [self.cfg.port, self.cfg.port + 1]

@@ -3,6 +3,7 @@ background thread of this process; the constructor returns once it serves.
 
     svc = BufferService(cfg, run_dir, restore_state)   # restore_state: checkpoint's consumed_state or None
     svc.endpoints()   # {"ingest": ..., "control": ...} (also in RUN_DIR/buffer/endpoints.json)
+    svc.secret()      # the run secret the clients sign with (also in RUN_DIR/buffer/secret, mode 0600)
     svc.metrics()     # flat numbers: buffer/size, buffer/dropped_stale, buffer/ready, ... (+ drops by reason)
     svc.stop()
 """
@@ -47,7 +48,8 @@ class BufferService(BufferRole):
         if not self._ready.wait(startup_timeout_s):
             raise TimeoutError(f"buffer did not start within {startup_timeout_s}s")
         self._check()
-        self._client = BufferClient(self._endpoints, wire.load_secret(run_dir), client_id="buffer-service")
+        self._secret = wire.load_secret(run_dir)
+        self._client = BufferClient(self._endpoints, self._secret, client_id="buffer-service")
 
     def _check(self) -> None:
         if isinstance(self._error, OSError):
@@ -58,6 +60,11 @@ class BufferService(BufferRole):
     def endpoints(self) -> dict:
         """The bound addresses (as in RUN_DIR/buffer/endpoints.json)."""
         return dict(self._endpoints)
+
+    def secret(self) -> bytes:
+        """The run's secret: the launcher hands it, over Ray, to the roles that connect (their nodes
+        need no copy of RUN_DIR/buffer/secret)."""
+        return self._secret
 
     def stats(self) -> dict:
         """The full stats dict of BufferClient.stats()."""

@@ -31,6 +31,10 @@ class Preflight:
     """On resume: the latest checkpoint's learner_state.json (step, version, extra_state)."""
     checkpoint: Optional[Path] = None
     """On resume: the checkpoint directory."""
+    on_nodes: bool = False
+    """On resume of a run on a joined cluster whose checkpoints are not in the driver's run directory:
+    the checkpoint is read, and the buffer log checked, on the learner's and the buffer's nodes after
+    placement (`resume_state_on_node`, `buffer_log_on_node`)."""
 
 
 def preflight(cfg: Config, resume: bool) -> Preflight:
@@ -68,9 +72,35 @@ def preflight(cfg: Config, resume: bool) -> Preflight:
     check_can_progress(cfg, train_rows, eval_rows, model)  # configs and data that could never train a step
     pre = Preflight(model.resolve(), len(train_rows), len(eval_rows))
     if resume:
-        pre.checkpoint, pre.restore = read_latest_checkpoint(Path(cfg.run_dir))
-        check_buffer_log(Path(cfg.run_dir))
+        rd = Path(cfg.run_dir)
+        if cfg.launch.ray_address and not (rd / "checkpoints").exists() and not (rd / "buffer").exists():
+            pre.on_nodes = True  # multi-node without a shared disk: read where the roles wrote them
+            return pre
+        pre.checkpoint, pre.restore = read_latest_checkpoint(rd)
+        check_buffer_log(rd)
     return pre
+
+
+def resume_state_on_node(run_dir: str) -> dict:
+    """Learner rank 0's node, on resume: {"checkpoint", "state", "exported"} of its RUN_DIR's latest
+    checkpoint (exported: its step's HF export is complete), or {"error": one line} (a UserError)."""
+    try:
+        step_dir, state = read_latest_checkpoint(Path(run_dir))
+    except UserError as e:
+        return {"error": str(e)}
+    exported = (Path(run_dir) / "hf" / f"step-{state['step']}" / "config.json").is_file()
+    return {"checkpoint": str(step_dir), "state": state, "exported": exported}
+
+
+def buffer_log_on_node(run_dir: str) -> dict:
+    """The buffer's node, on resume: {"has_log": RUN_DIR/buffer/log exists, "problem": why it cannot be
+    replayed, "" when it can}."""
+    has_log = (Path(run_dir) / "buffer" / "log").is_dir()
+    try:
+        check_buffer_log(Path(run_dir))
+    except UserError as e:
+        return {"has_log": has_log, "problem": str(e)}
+    return {"has_log": has_log, "problem": ""}
 
 
 def check_buffer_log(run_dir: Path, timeout_s: float = 300.0) -> None:

@@ -3,7 +3,14 @@
 A role is a plain Python class in its package, named with its protocol in the role contract
 (`archer_async.roles`); none of them knows about Ray. `RoleHost` is the one Ray actor class: it builds
 the role by module path inside its worker process, sends that process's output to
-RUN_DIR/logs/<role>.log, and forwards method calls. `RoleHandle` is how the launcher calls a role: only
+RUN_DIR/logs/<role>.log on its own node, and forwards method calls.
+
+Every role writes under the run directory's path on its own node (no filesystem is shared between
+nodes): the learner its checkpoints and HF exports, the buffer its log, each actor its id counter and
+metrics, every role its log. `ARCHER_ASYNC_NODE_ROOT` in a node's environment (given to `ray start`
+or to a simulated node, `ray.cluster_utils.Cluster.add_node(env_vars=...)`) puts that node's view of
+the run directory under a root of its own (`node_run_dir`): the way a test on one host simulates
+nodes with separate disks. `RoleHandle` is how the launcher calls a role: only
 the methods of the role's protocol exist on it. Placement comes from the resources each role declares
 in the config (CPUs, GPUs, a node label).
 
@@ -66,15 +73,34 @@ class RoleHandle:
         return lambda *args, **kwargs: self.host.call.remote(name, *args, **kwargs)
 
 
+NODE_ROOT_ENV = "ARCHER_ASYNC_NODE_ROOT"
+"""A node's environment variable: the root under which that node's roles see the run directory
+(unset: the run directory's own path). Simulates separate disks in tests on one host."""
+
+
+def node_run_dir(run_dir: str, environ: Optional[dict] = None) -> str:
+    """This node's view of the run directory `run_dir` (an absolute path): `run_dir` itself, or
+    `$ARCHER_ASYNC_NODE_ROOT/<run_dir without its leading />` where that variable is set."""
+    root = (os.environ if environ is None else environ).get(NODE_ROOT_ENV, "")
+    if not root:
+        return run_dir
+    return os.path.join(root, os.path.abspath(run_dir).lstrip(os.sep))
+
+
 class RoleHost:
     """Hosts one role object in a Ray worker process (constructed by `construct`, after placement,
-    so that addresses of placed processes can be handed to constructors)."""
+    so that addresses of placed processes can be handed to constructors).
+
+    `run_dir` is the driver's run directory; the role works in this node's view of it (`node_run_dir`):
+    a constructor argument equal to `run_dir` is replaced by that path."""
 
     def __init__(self, role: str, run_dir: str, env: dict[str, str]):
         os.environ.update(env)
         from launch.runlog import setup_role_logging
 
-        setup_role_logging(run_dir, role)
+        self.driver_run_dir = run_dir
+        self.run_dir = node_run_dir(run_dir)
+        setup_role_logging(self.run_dir, role)
         self.role = role
         self.obj = None
 
@@ -82,8 +108,25 @@ class RoleHost:
         """Build the role object of `module:Class` (a `RoleSpec.target`); returns the node description."""
         from archer_async.roles import load
 
-        self.obj = load(target)(*args, **(kwargs or {}))
+        args = tuple(self._local(a) for a in args)
+        kwargs = {k: self._local(v) for k, v in (kwargs or {}).items()}
+        self.obj = load(target)(*args, **kwargs)
         return self.node()
+
+    def _local(self, value: Any) -> Any:
+        return self.run_dir if isinstance(value, str) and value == self.driver_run_dir else value
+
+    def inspect(self, target: str) -> Any:
+        """`module:function(run_dir)` on this node's view of the run directory (e.g. reading the
+        checkpoint a resume starts from on the learner's node); its result."""
+        from archer_async.roles import load
+
+        return load(target)(self.run_dir)
+
+    def where(self) -> dict:
+        """{"node_id", "ip", "run_dir"}: this role's Ray node and its view of the run directory."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "run_dir": self.run_dir}
 
     def node(self) -> str:
         return f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, node {ray.get_runtime_context().get_node_id()[:8]})"
@@ -219,6 +262,20 @@ def dead_roles(hosts: dict, timeout_s: float = 10.0) -> list[str]:
     return dead
 
 
+def await_placement(hosts: dict[str, Any], timeout_s: float) -> dict[str, str]:
+    """Wait until every role of {role: host} is placed; role -> node description. A role no node can
+    host within timeout_s is a StartupError naming it."""
+    roles = list(hosts)
+    node_refs = [hosts[role].node.remote() for role in roles]
+    ready, _ = ray.wait(node_refs, num_returns=len(node_refs), timeout=max(1.0, timeout_s))
+    unplaced = [role for role, ref in zip(roles, node_refs) if ref not in ready]
+    if unplaced:
+        raise StartupError(f"{', '.join(unplaced)}: not placed within {timeout_s:.0f} s: no node of the Ray cluster "
+                           "has the free resources the role declares (CPUs, GPUs, node label) or its process "
+                           "did not start (see the run's logs/ directory)")
+    return dict(zip(roles, wait(node_refs, 60, "placement", roles)))
+
+
 def construct_all(hosts: dict[str, Any], specs: dict[str, tuple], timeout_s: float) -> dict[str, str]:
     """Construct every role concurrently (collective set-up needs all ranks at once) within a deadline;
     returns role -> node description. specs: role name -> (RoleSpec, args[, kwargs]).
@@ -228,14 +285,7 @@ def construct_all(hosts: dict[str, Any], specs: dict[str, tuple], timeout_s: flo
     The first failure ends the wait (fail fast)."""
     t0 = time.time()
     roles = list(specs)
-    node_refs = [hosts[role].node.remote() for role in roles]
-    ready, _ = ray.wait(node_refs, num_returns=len(node_refs), timeout=max(1.0, timeout_s))
-    unplaced = [role for role, ref in zip(roles, node_refs) if ref not in ready]
-    if unplaced:
-        raise StartupError(f"{', '.join(unplaced)}: not placed within {timeout_s:.0f} s: no node of the Ray cluster "
-                           "has the free resources the role declares (CPUs, GPUs, node label) or its process "
-                           "did not start (see the run's logs/ directory)")
-    nodes = dict(zip(roles, wait(node_refs, 60, "placement", roles)))
+    nodes = await_placement({role: hosts[role] for role in roles}, timeout_s)
     refs = [hosts[role].construct.remote(specs[role][0].target, *specs[role][1:]) for role in roles]
     left = max(1.0, timeout_s - (time.time() - t0))
     try:

@@ -43,10 +43,12 @@ from launch.runlog import setup_role_logging
 
 from archer_async.roles import ACTOR, BUFFER, LEARNER
 
-from launch import cluster
+from launch import cluster, nodes
 from launch.runlock import RunLock
 from launch.progress import ProgressWatch
-from launch.roles import RoleDied, RoleError, RoleHandle, construct_all, dead_roles, place, wait
+from launch.roles import (
+    RoleDied, RoleError, RoleHandle, await_placement, construct_all, dead_roles, place, wait,
+)
 
 log = logging.getLogger("launch")
 
@@ -80,6 +82,12 @@ class Run:
         self.staleness_bound = initial_staleness(cfg.buffer)  # eta the buffer enforces (auto: moves)
         self.run_dir = Path(cfg.run_dir).resolve()
         self.hosts: dict[str, Any] = {}
+        self.where: dict[str, dict] = {}   # role -> {"node_id", "ip", "run_dir"}: where it runs and writes
+        self.buffer_kwargs: dict = {}      # the buffer's endpoints and secret, as learners and actors get them
+        self.last_checkpoint: Optional[str] = None  # the newest committed checkpoint (on learner rank 0's node)
+        self.here: tuple = ()              # (Ray node id, run directory) of the driver
+        self.constructing = False          # roles began to be constructed (the shutdown stops them)
+        self._actor_rows_next: dict[int, int] = {}  # actor -> its next metrics row to copy (actors elsewhere)
         self.learners: list = []
         self.actors: list = []
         self.buffer = None
@@ -112,7 +120,7 @@ class Run:
         except BaseException:
             lock.release(cleanup=True)
             raise
-        if self.resume and self._finished(pre):
+        if self.resume and not pre.on_nodes and self._finished(pre):
             return 0
         old_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # Joining / starting Ray and the resource check belong to preflight: a run that cannot fit the
@@ -136,8 +144,8 @@ class Run:
         write_run_status(self.run_dir, "running", total_steps=cfg.learner.total_steps, pid=os.getpid(), error=None)
         status, rc, error = "failed", 1, None
         try:
-            self._start_roles(pre)
-            self._loop(pre)
+            if self._start_roles(pre):
+                self._loop(pre)
             status, rc = "finished", 0
         except KeyboardInterrupt:
             _console("interrupted: stopping every role (the last checkpoint stays valid)")
@@ -148,7 +156,7 @@ class Run:
                 raise
             msg = f"{full} (writing the run's files)" if isinstance(e, OSError) else str(e)  # one line, no traceback
             _console(f"error: {msg}")
-            if (self.run_dir / "checkpoints" / "latest").is_file():
+            if self.last_checkpoint is not None or (self.run_dir / "checkpoints" / "latest").is_file():
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
             self.role_died = isinstance(e, RoleDied)
             status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), msg
@@ -165,8 +173,9 @@ class Run:
         return rc
 
     # ------------------------------------------------------------------------------------------
-    def _start_roles(self, pre: "cluster.Preflight") -> None:
-        """Place every role by its declared resources, then construct them (deadline: launch.startup_timeout_s)."""
+    def _start_roles(self, pre: "cluster.Preflight") -> bool:
+        """Place every role by its declared resources, then construct them (deadline: launch.startup_timeout_s).
+        False: a resumed run that turned out complete (read on its nodes): nothing was constructed."""
         cfg, run_dir, env = self.cfg, str(self.run_dir), cluster.role_env()
         t0, deadline = time.time(), cfg.launch.startup_timeout_s
         _console(f"starting roles: buffer, {cfg.learner.num_ranks} learner rank(s), {cfg.actors.num_actors} actor(s)")
@@ -182,10 +191,16 @@ class Run:
                                             num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label,
                                             env=env)
         self.actors = [RoleHandle(self.hosts[f"actor{i}"], ACTOR) for i in range(cfg.actors.num_actors)]
+        await_placement(self.hosts, deadline)
+        self.where = dict(zip(self.hosts, wait([h.where.remote() for h in self.hosts.values()], 60, "placement",
+                                               list(self.hosts))))
+        if pre.on_nodes and not nodes.resume_state_on_nodes(self.hosts, self.where, cfg, pre, _console):
+            return False
         # Rendezvous points live on learner rank 0's node: its process group and the weight-transfer store.
         # Both stores listen on this address only (sync.host; by default loopback on a local cluster).
+        # Every port is picked on the node that binds it (rank 0's ports here, the buffer's by the buffer).
         rank0 = self.hosts["learner0"]
-        node_ip = wait(rank0.node_ip.remote(), deadline, "placement", ["learner0"])
+        node_ip = self.where["learner0"]["ip"]
         master_addr = cfg.sync.host or (node_ip if cfg.launch.ray_address else "127.0.0.1")
         pg_token = secrets.token_hex(16)  # the learner group's rendezvous keys live under it (secret_namespace)
         master_port, sync_port = wait([rank0.free_port.remote(), rank0.free_port.remote()], 60, "ports", ["learner0"])
@@ -196,19 +211,29 @@ class Run:
         restore_buffer = (pre.restore.get("extra_state") or {}).get("buffer") if self.resume else None
         version0 = int(pre.restore.get("version", 0)) if self.resume else 0
         self.model_path, self.version0 = str(pre.model_path), version0
-        specs = {"buffer": (BUFFER, (cfg, run_dir, restore_buffer))}
-        nodes = construct_all(self.hosts, specs, deadline)  # actors and learners find the buffer in run_dir
+        self.constructing = True  # from here on, the shutdown stops roles
+        bcfg = cfg.model_copy(deep=True)
+        bcfg.buffer.host = nodes.buffer_bind_host(cfg.buffer.host, self.where)
+        placed = construct_all(self.hosts, {"buffer": (BUFFER, (bcfg, run_dir, restore_buffer))}, deadline)
+        # learners and actors get the buffer's address and secret from the buffer role, over Ray
+        endpoints, secret = wait([self.buffer.endpoints(), self.buffer.secret()], 60, "endpoints", ["buffer"])
+        self.buffer_kwargs = {"buffer_endpoints": endpoints, "buffer_secret": secret}
+        log.info("buffer listens on %s (ingest) and %s (control)", endpoints["ingest"], endpoints["control"])
+        specs: dict[str, tuple] = {}
         for r in range(cfg.learner.num_ranks):
             specs[f"learner{r}"] = (LEARNER, (cfg, r, cfg.learner.num_ranks, master_addr, master_port, run_dir,
-                                              str(pre.model_path), pg_token))
+                                              str(pre.model_path)), dict(self.buffer_kwargs, store_token=pg_token))
         for i in range(cfg.actors.num_actors):
             specs[f"actor{i}"] = self._actor_spec(i, version0)
-        del specs["buffer"]
-        nodes.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
-        for role, node in nodes.items():
+        placed.update(construct_all(self.hosts, specs, max(1.0, deadline - (time.time() - t0))))
+        for role, node in placed.items():
             log.info("%s on %s", role, node)
         self._write_pids()
-        _console(f"roles up in {time.time() - t0:.0f} s on {len(set(nodes.values()))} node(s)")
+        _console(f"roles up in {time.time() - t0:.0f} s on {len(set(placed.values()))} node(s)")
+        self.here = nodes.driver_view(self.run_dir)
+        for line in nodes.write_nodes_file(self.run_dir, self.where, self.here):
+            _console(line)
+        return True
 
     def _finished(self, pre: "cluster.Preflight") -> bool:
         """A resume of a run whose last checkpoint is its final step and whose final export exists: says
@@ -228,6 +253,7 @@ class Run:
         if self.resume:
             extra = self._learners(lambda h: h.load_checkpoint(str(pre.checkpoint)), what="checkpoint restore")[0] or {}
             start_step, version = int(pre.restore["step"]), int(pre.restore["version"])
+            self.last_checkpoint = str(pre.checkpoint)
             self.actor_states = list(extra.get("actors", []))
             for i, (a, st) in enumerate(zip(self.actors, self.actor_states)):
                 self._actor_call(i, lambda a: a.load_data_state(st), what="data cursor restore")
@@ -259,6 +285,7 @@ class Run:
                    "sync/learner_s": sync["learner_s"], "sync/sender_s": sync["sender_s"],
                    "staleness/hist": m.get("staleness/hist", {})}
             row.update(self._actor_metrics())
+            self._copy_actor_rows(range(len(self.actors)))
             row.update(self._buffer_metrics())
             if cfg.launch.eval_every and (step % cfg.launch.eval_every == 0 or step == total):
                 self._evaluate(step, row)
@@ -370,7 +397,7 @@ class Run:
         """construct_all spec of actor i, loading weights labelled `version`."""
         return (ACTOR, (self.cfg, i, str(self.run_dir)),
                 {"sync_init": self.sync_init.for_rank(i + 1).to_dict(), "model_path": self.model_path,
-                 "initial_version": int(version)})
+                 "initial_version": int(version), **self.buffer_kwargs})
 
     def _sync_weights(self, version: int, serving: Optional[int] = None) -> dict:
         """Learner ranks gather and send; actors receive and load in flight. One call per role.
@@ -442,6 +469,8 @@ class Run:
             self.hosts[role] = host
             self.actors[i] = RoleHandle(host, ACTOR)
             construct_all(self.hosts, {role: self._actor_spec(i, version)}, cfg.launch.startup_timeout_s)
+            self.where[role] = wait(host.where.remote(), 60, "placement", [role])
+            self._actor_rows_next.pop(i, None)  # a new process counts its rows from 0
             if i < len(self.actor_states) and self.actor_states[i]:
                 wait(self.actors[i].load_data_state(self.actor_states[i]), 60, "data cursor restore", [role])
             fresh.append(i)
@@ -483,6 +512,11 @@ class Run:
                 "actor/idle_frac": sum(idles) / len(idles) if idles else 0.0,
                 "actor/in_flight": sum(s.get("actor/in_flight", 0) for s in stats)}
 
+    def _copy_actor_rows(self, live: Collection[int]) -> None:
+        """The new metrics rows of actors that write on another node, into the driver's actor_metrics.jsonl."""
+        if self.here:  # roles started by this driver
+            nodes.copy_actor_rows(self.actors, live, self.where, self.here, self._actor_rows_next, self.run_dir)
+
     def _buffer_metrics(self) -> dict:
         s = wait(self.buffer.metrics(), 60, "stats", ["buffer"])
         out = {k: v for k, v in s.items() if isinstance(v, (int, float))}
@@ -518,6 +552,7 @@ class Run:
         extra = {"actors": actors}  # rank 0 adds the buffer's consumed state it holds
         path = self._learners(lambda h: h.save_checkpoint(step, extra), what=f"checkpoint step {step}")[0]
         self.actor_states = actors
+        self.last_checkpoint = str(path)
         log.info("checkpoint %s", path)
 
     def _start_dashboard(self) -> None:
@@ -533,7 +568,7 @@ class Run:
     def _shutdown(self) -> None:
         import ray
 
-        if ray.is_initialized():
+        if ray.is_initialized() and self.constructing:
             # every role stops concurrently within one deadline; after a role died, a collective close
             # could only wait for the dead peer, so the learners are then simply ended
             short = 20.0 if self.role_died else 60.0

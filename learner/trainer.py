@@ -68,8 +68,15 @@ class Learner(LearnerRole):
         master_port: int = 29500,
         run_dir: Optional[Union[str, Path]] = None,
         model_path: Optional[Union[str, Path]] = None,
+        *,
+        buffer_endpoints: Optional[dict] = None,
+        buffer_secret: Optional[bytes] = None,
         store_token: str = "",
     ) -> None:
+        """`run_dir`: this node's run directory (checkpoints/, hf/, trained_ids). `buffer_endpoints` and
+        `buffer_secret`: where rank 0 samples from (the launcher passes the buffer role's, over Ray);
+        None: RUN_DIR/buffer/endpoints.json and RUN_DIR/buffer/secret of this node. `store_token`: the secret
+        the process group's rendezvous keys live under (the launcher draws one per run)."""
         self.cfg = cfg
         self.lcfg = cfg.learner
         self.rank, self.world_size = rank, world_size
@@ -113,6 +120,7 @@ class Learner(LearnerRole):
         self._last_lr = self._lr()
         self._consumed_state: Optional[dict] = None  # the buffer's state after the last batch trained (rank 0)
         self._buffer = None  # BufferClient of step_from_buffer (rank 0)
+        self._buffer_endpoints, self._buffer_secret = buffer_endpoints, buffer_secret
 
     # ------------------------------------------------------------------------------------------
     # Data in
@@ -337,7 +345,10 @@ class Learner(LearnerRole):
                 if self._buffer is None:
                     from archer_async.buffer_client import BufferClient
 
-                    self._buffer = BufferClient.from_run_dir(self.run_dir, client_id="learner")
+                    if self._buffer_endpoints is not None and self._buffer_secret is not None:
+                        self._buffer = BufferClient(self._buffer_endpoints, self._buffer_secret, client_id="learner")
+                    else:
+                        self._buffer = BufferClient.from_run_dir(self.run_dir, client_id="learner")
                 from archer_async.buffer_client import BufferTimeout
 
                 try:
