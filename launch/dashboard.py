@@ -8,6 +8,7 @@ Routes (all GET, read-only, nothing else on disk is reachable). A run is chosen 
 in the command line's list (default 0); a request never names a path:
 
 - ``/``                      launch/dashboard.html (self-contained: no CDN, plots on <canvas>)
+- ``/compare.js``            launch/dashboard_compare.js, the page's overlay of several runs
 - ``/api/runs``              ``{"runs": [{"index": I, "label": L, "name": N, "run_dir": D}, ...]}``; the
   label is the directory's name, with parents where two runs share a name.
 - ``/api/metrics?since=N&epoch=E``  step rows of metrics.jsonl from row N on:
@@ -39,6 +40,8 @@ __all__ = ["IDLE_AFTER_S", "JsonlTail", "RunReader", "allowed_hosts", "dashboard
            "server_url", "start_dashboard"]
 
 PAGE = Path(__file__).with_name("dashboard.html")
+COMPARE_JS = Path(__file__).with_name("dashboard_compare.js")
+"""The page's script for several runs, served at /compare.js."""
 REQUEST_TIMEOUT_S = 10.0
 """Socket timeout of one connection: a client that sends no complete request (or reads no response)
 within it is dropped, so half-open connections do not hold a thread each."""
@@ -78,6 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(421, {"error": "unknown Host header (only the dashboard's own address is served)"})
             if url.path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif url.path == "/compare.js":
+                self._send(200, COMPARE_JS.read_bytes(), "text/javascript; charset=utf-8")
             elif url.path == "/api/runs":
                 self._json(200, {"runs": [{"index": i, "label": lab, "name": r.run_dir.name, "run_dir": str(r.run_dir)}
                                           for i, (r, lab) in enumerate(zip(self.readers, self.labels))]})
