@@ -87,6 +87,19 @@ def test_dashboard_overlays_two_runs_with_a_legend_label_each(tmp_path):
         shared = chrome.eval("document.getElementById('h-config').textContent")
         assert "synthetic-test-model" in shared and "lr" not in shared, shared
 
+        # hovering a plot lists every run's value at that step
+        chrome.eval("(() => { const cv = document.getElementById('cv-reward'), r = cv.getBoundingClientRect();"
+                    " cv.dispatchEvent(new MouseEvent('mousemove', {clientX: r.left + r.width / 2,"
+                    " clientY: r.top + 50, bubbles: true})); })()")
+        tip = chrome.eval("document.getElementById('tip').textContent")
+        assert "sweep-lr1e-4" in tip and "sweep-lr2e-4" in tip, tip
+        chrome.eval("document.getElementById('cv-reward').dispatchEvent(new MouseEvent('mouseleave'))")
+
+        # a run that goes on: its new rows join its line on the next poll, the other run's stay as they were
+        write_synthetic_run(dirs[1], range(21, 26), time.time() - 40 * STEP_S, random.Random(2), 2.0)
+        chrome.wait_for("document.body.dataset.step === '30,25'", timeout=15)
+        assert chrome.eval("+document.getElementById('cv-reward').dataset.points") == 55
+
         canvases = chrome.eval(CANVAS_CHECK)
         assert len(canvases) >= 15
         for c in canvases:
