@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None,
                    help="seconds per stdin test (default: rewards.timeout_s, Archer's 30)")
 
-    d = sub.add_parser("dashboard", help="serve the live throughput dashboard of a run")
-    d.add_argument("run_dir", metavar="RUN_DIR")
+    d = sub.add_parser("dashboard", help="serve the live throughput dashboard of a run (several: overlaid)")
+    d.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
+                   help="a run directory; give several to compare them on the same plots")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8365)
 

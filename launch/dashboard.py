@@ -1,11 +1,16 @@
-"""Live throughput dashboard: a small stdlib HTTP server over a run directory's metric files.
+"""Live throughput dashboard: a small stdlib HTTP server over run directories' metric files.
 
     archer-async dashboard RUN_DIR [--host 127.0.0.1] [--port 8365]     # any run, live or finished
+    archer-async dashboard RUN_DIR RUN_DIR ...                          # several runs overlaid (a sweep)
     server, url = start_dashboard(run_dir, "127.0.0.1", 0)               # launcher: background thread
 
-Routes (all GET, read-only, nothing else on disk is reachable):
+Routes (all GET, read-only, nothing else on disk is reachable). A run is chosen by ``run=I``, its index
+in the command line's list (default 0); a request never names a path:
 
 - ``/``                      launch/dashboard.html (self-contained: no CDN, plots on <canvas>)
+- ``/compare.js``            launch/dashboard_compare.js, the page's overlay of several runs
+- ``/api/runs``              ``{"runs": [{"index": I, "label": L, "name": N, "run_dir": D}, ...]}``; the
+  label is the directory's name, with parents where two runs share a name.
 - ``/api/metrics?since=N&epoch=E``  step rows of metrics.jsonl from row N on:
   ``{"epoch": E', "next": total, "reset": bool, "rows": [...]}``. ``reset`` is true (and ``rows`` holds every
   row) when the client's epoch is not the file's current one (the file was rewritten, e.g. on resume).
@@ -20,193 +25,23 @@ cheap; a torn last line is left for the next poll.
 from __future__ import annotations
 
 import json
-import math
-import os
+import re
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import yaml
-
 from archer_async.config import UserError
-from archer_async.metrics import ACTOR_METRICS_FILE, METRICS_FILE, read_run_status
+from launch.dashboard_runs import IDLE_AFTER_S, JsonlTail, RunReader, check_run_dirs, run_labels
+
+__all__ = ["IDLE_AFTER_S", "JsonlTail", "RunReader", "allowed_hosts", "dashboard_main", "make_server",
+           "server_url", "start_dashboard"]
 
 PAGE = Path(__file__).with_name("dashboard.html")
-IDLE_AFTER_S = 60.0
-"""Without status.json, a run whose files changed within this many seconds shows as live."""
-
-_CONFIG_SUMMARY = (  # (label, dotted key) shown in the page header
-    ("mode", "launch.mode"), ("model", "model.path"), ("actors", "actors.num_actors"),
-    ("backend", "actors.backend"), ("samples/prompt", "actors.samples_per_prompt"),
-    ("learner ranks", "learner.num_ranks"), ("batch groups", "learner.batch_groups"),
-    ("total steps", "learner.total_steps"), ("lr", "learner.lr"), ("max staleness", "buffer.max_staleness"),
-    ("IS correction", "loss.is_correction"), ("in-flight update", "actors.inflight_update"),
-    ("sync", "sync.backend"),
-)
-
-
-class JsonlTail:
-    """Incrementally parsed JSONL file: rows so far, the byte offset after the last complete line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict] = []
-        self._offset = 0
-        self._ino: int | None = None
-        self._resets = 0
-        self.mtime = 0.0
-        self._lock = threading.Lock()
-
-    @property
-    def epoch(self) -> str:
-        """Identity of the current file content: changes when the file is replaced or shrinks."""
-        return f"{self._ino or 0}.{self._resets}"
-
-    def refresh(self) -> None:
-        """Parse lines appended since the last call; start over if the file was replaced or truncated."""
-        with self._lock:
-            try:
-                st = self.path.stat()
-            except FileNotFoundError:
-                if self.rows or self._offset:
-                    self._reset(None)
-                return
-            if st.st_ino != self._ino or st.st_size < self._offset:
-                self._reset(st.st_ino)
-            self.mtime = st.st_mtime
-            if st.st_size == self._offset:
-                return
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read(st.st_size - self._offset)
-            end = data.rfind(b"\n")
-            if end < 0:
-                return  # only a partial line so far
-            for line in data[: end + 1].split(b"\n"):
-                if line.strip():
-                    try:
-                        obj = json.loads(line, parse_constant=_no_nan, parse_float=_finite_float)
-                    except ValueError:
-                        continue
-                    if isinstance(obj, dict):
-                        self.rows.append(obj)
-            self._offset += end + 1
-
-    def _reset(self, ino: int | None) -> None:
-        if self._ino is not None or self.rows:
-            self._resets += 1
-        self._ino, self._offset, self.rows = ino, 0, []
-
-    def since(self, n: int, epoch: str | None) -> dict:
-        """Rows from index n on, or every row with reset=True when the client's epoch is stale."""
-        self.refresh()
-        with self._lock:
-            total = len(self.rows)
-            reset = epoch != self.epoch or n > total or n < 0
-            start = 0 if reset else n
-            return {"epoch": self.epoch, "next": total, "reset": reset, "rows": self.rows[start:]}
-
-
-def _no_nan(_name: str) -> None:
-    """NaN / Infinity in a file written by another tool become null (JSON for the browser has neither)."""
-    return None
-
-
-def _finite_float(text: str) -> float | None:
-    """A float literal too large for a double (e.g. 1e999 parses as inf) becomes null as NaN does."""
-    v = float(text)
-    return v if math.isfinite(v) else None
-
-
-def _dig(d: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunReader:
-    """Everything the dashboard serves about one run directory."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir).resolve()
-        self.metrics = JsonlTail(self.run_dir / METRICS_FILE)
-        self.actors = JsonlTail(self.run_dir / ACTOR_METRICS_FILE)
-        self._config: dict | None = None
-        self._config_mtime = -1.0
-
-    def config(self) -> dict:
-        """config.resolved.yaml as a dict ({} when absent or unreadable), re-read when it changes."""
-        p = self.run_dir / "config.resolved.yaml"
-        try:
-            mtime = p.stat().st_mtime
-        except FileNotFoundError:
-            return {}
-        if mtime != self._config_mtime:
-            try:
-                loaded = yaml.safe_load(p.read_text())
-            except (OSError, yaml.YAMLError):
-                loaded = None
-            self._config = loaded if isinstance(loaded, dict) else {}
-            self._config_mtime = mtime
-        return self._config or {}
-
-    def status(self) -> dict:
-        """{"state": live|finished|failed|stopped|idle, "started_at", "ended_at"} from status.json and files."""
-        st = read_run_status(self.run_dir)
-        state = st.get("state")
-        if state == "running":
-            pid, host = st.get("pid"), st.get("host")
-            gone = isinstance(pid, int) and host == os.uname().nodename and not _pid_alive(pid)
-            state = "stopped" if gone else "live"
-        elif state not in ("finished", "failed", "stopped"):
-            newest = max(self.metrics.mtime, self.actors.mtime)
-            state = "live" if newest and time.time() - newest < IDLE_AFTER_S else "idle"
-        return {"state": state, "started_at": st.get("started_at"), "ended_at": st.get("ended_at"),
-                "error": st.get("error")}
-
-    def summary(self) -> dict:
-        """The /api/run object."""
-        self.metrics.refresh()
-        self.actors.refresh()
-        cfg = self.config()
-        status = self.status()
-        last = self.metrics.rows[-1] if self.metrics.rows else {}
-        first_times = [r["time"] for r in (self.metrics.rows[:1] + self.actors.rows[:1])
-                       if isinstance(r.get("time"), (int, float))]
-        started = status["started_at"] or (min(first_times) if first_times else None)
-        now = time.time()
-        end = status["ended_at"] if status["state"] in ("finished", "failed", "stopped") else None
-        if end is None and status["state"] in ("stopped", "idle"):
-            times = [r.get("time") for r in (self.metrics.rows[-1:] + self.actors.rows[-1:])]
-            end = max((t for t in times if isinstance(t, (int, float))), default=None)
-        elapsed = ((end or now) - started) if started else None
-        return {
-            "run_dir": str(self.run_dir), "name": self.run_dir.name, "status": status["state"],
-            "error": status["error"], "step": last.get("step"), "version": last.get("version"),
-            "started_at": started, "elapsed_s": elapsed, "now": now,
-            "total_steps": _dig(cfg, "learner.total_steps"),
-            "rows": len(self.metrics.rows), "actor_rows": len(self.actors.rows),
-            "config": [{"label": lbl, "key": key, "value": _dig(cfg, key)} for lbl, key in _CONFIG_SUMMARY
-                       if _dig(cfg, key) is not None] if cfg else [],
-        }
-
-
+COMPARE_JS = Path(__file__).with_name("dashboard_compare.js")
+"""The page's script for several runs, served at /compare.js."""
 REQUEST_TIMEOUT_S = 10.0
 """Socket timeout of one connection: a client that sends no complete request (or reads no response)
 within it is dropped, so half-open connections do not hold a thread each."""
@@ -227,7 +62,8 @@ def allowed_hosts(bind_host: str, port: int) -> set[str]:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "archer-async-dashboard"
-    reader: RunReader  # set on the per-server subclass
+    readers: list[RunReader]  # set on the per-server subclass, in the command line's order
+    labels: list[str]
     timeout = REQUEST_TIMEOUT_S  # StreamRequestHandler applies it to the connection's socket
 
     def _host_ok(self) -> bool:
@@ -245,21 +81,43 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(421, {"error": "unknown Host header (only the dashboard's own address is served)"})
             if url.path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            elif url.path in ("/api/metrics", "/api/actors"):
-                tail = self.reader.metrics if url.path == "/api/metrics" else self.reader.actors
+            elif url.path == "/compare.js":
+                self._send(200, COMPARE_JS.read_bytes(), "text/javascript; charset=utf-8")
+            elif url.path == "/api/runs":
+                self._json(200, {"runs": [{"index": i, "label": lab, "name": r.run_dir.name, "run_dir": str(r.run_dir)}
+                                          for i, (r, lab) in enumerate(zip(self.readers, self.labels))]})
+            elif url.path in ("/api/metrics", "/api/actors", "/api/run"):
+                i = self._run_index(q)
+                if i is None:
+                    return None
+                reader = self.readers[i]
+                if url.path == "/api/run":
+                    return self._json(200, {**reader.summary(), "label": self.labels[i]})
+                tail = reader.metrics if url.path == "/api/metrics" else reader.actors
                 try:
                     since = int(q.get("since", ["0"])[0])
                 except ValueError:
                     return self._json(400, {"error": "since must be an integer"})
                 self._json(200, tail.since(since, q.get("epoch", [None])[0]))
-            elif url.path == "/api/run":
-                self._json(200, self.reader.summary())
             elif url.path == "/favicon.ico":
                 self._send(204, b"", "image/x-icon")
             else:
                 self._json(404, {"error": f"no route {url.path}"})
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _run_index(self, q: dict) -> int | None:
+        """The index of ``run=I`` (default 0), or None after answering 400/404: only an index into the
+        runs given at start is accepted, never a path."""
+        raw = q.get("run", ["0"])
+        if len(raw) != 1 or not re.fullmatch(r"[0-9]{1,6}", raw[0]):
+            self._json(400, {"error": "run must be a run index (0, 1, ...)"})
+            return None
+        i = int(raw[0])
+        if i >= len(self.readers):
+            self._json(404, {"error": f"no run {i} (this dashboard serves {len(self.readers)})"})
+            return None
+        return i
 
     def _json(self, code: int, obj: Any) -> None:
         self._send(code, json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), "application/json")
@@ -273,15 +131,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8365) -> ThreadingHTTPServer:
-    """Bind the dashboard server (not yet serving). Missing run dir or a busy port: UserError."""
-    rd = Path(run_dir)
+def _as_list(run_dirs: str | Path | list[str | Path] | tuple) -> list[str | Path]:
+    return list(run_dirs) if isinstance(run_dirs, (list, tuple)) else [run_dirs]
+
+
+def make_server(run_dirs: str | Path | list[str | Path], host: str = "127.0.0.1",
+                port: int = 8365) -> ThreadingHTTPServer:
+    """Bind the dashboard server of one run directory or several (not yet serving). A missing run dir
+    (with several, also one without metrics.jsonl) or a busy port: UserError."""
     if not 0 <= port <= 65535:
         raise UserError(f"dashboard: port {port} is out of range (0-65535)")
-    if not rd.is_dir():
-        raise UserError(f"{rd}: run directory not found (expected a directory with metrics.jsonl, "
-                        "e.g. runs/<date-time>)")
-    handler = type("DashboardHandler", (_Handler,), {"reader": RunReader(rd)})
+    dirs = check_run_dirs(_as_list(run_dirs))
+    handler = type("DashboardHandler", (_Handler,), {"readers": [RunReader(d) for d in dirs],
+                                                     "labels": run_labels(dirs)})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OverflowError:
@@ -302,9 +164,10 @@ def server_url(server: ThreadingHTTPServer) -> str:
     return f"http://{host}:{port}/"
 
 
-def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *,
+def start_dashboard(run_dir: str | Path | list[str | Path], host: str = "127.0.0.1", port: int = 0, *,
                     fallback_to_free_port: bool = False) -> tuple[ThreadingHTTPServer, str]:
-    """Serve RUN_DIR's dashboard from a daemon thread; port 0 picks a free port. Returns (server, url).
+    """Serve the dashboard of RUN_DIR (or of a list of run dirs, overlaid) from a daemon thread; port 0
+    picks a free port. Returns (server, url).
 
     A busy port raises UserError, or with ``fallback_to_free_port`` binds a free port instead (the url
     tells which). Stop it with ``server.shutdown(); server.server_close()``.
@@ -312,7 +175,7 @@ def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
     try:
         server = make_server(run_dir, host, port)
     except UserError:
-        if not (fallback_to_free_port and port != 0 and Path(run_dir).is_dir()):
+        if not (fallback_to_free_port and port != 0 and all(Path(d).is_dir() for d in _as_list(run_dir))):
             raise
         server = make_server(run_dir, host, 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="dashboard",
@@ -321,10 +184,14 @@ def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
 
 
 def dashboard_main(args) -> int:
-    """`archer-async dashboard RUN_DIR [--host] [--port]`: serve until Ctrl-C."""
-    server = make_server(args.run_dir, args.host, args.port)
+    """`archer-async dashboard RUN_DIR [RUN_DIR ...] [--host] [--port]`: serve until Ctrl-C."""
+    server = make_server(args.run_dirs, args.host, args.port)
     url = server_url(server)
-    print(f"archer-async dashboard of {Path(args.run_dir).resolve()} at {url}  (Ctrl-C stops)", flush=True)
+    if len(args.run_dirs) == 1:
+        what = str(Path(args.run_dirs[0]).resolve())
+    else:
+        what = f"{len(args.run_dirs)} runs ({', '.join(server.RequestHandlerClass.labels)})"
+    print(f"archer-async dashboard of {what} at {url}  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

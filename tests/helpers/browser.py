@@ -35,14 +35,16 @@ def find_chromium() -> str:
 
 
 # ------------------------------------------------------------------------------ synthetic run (test data)
-def synthetic_step_row(step: int, t0: float, rng: random.Random) -> dict:
-    """One learner-step row with plausible, smoothly varying values (test data only)."""
-    lags = [min(4, int(abs(rng.gauss(0, 1.3)))) for _ in range(64)]
+def synthetic_step_row(step: int, t0: float, rng: random.Random, speed: float = 1.0) -> dict:
+    """One learner-step row with plausible, smoothly varying values (test data only); `speed` scales how
+    fast reward, accuracy and entropy move (a second run of a sweep learns faster or slower)."""
+    lags = [min(4, int(abs(rng.gauss(0, 1.3 / speed)))) for _ in range(64)]
+    s = step * speed
     row = {
         "step": step, "version": step, "time": t0 + step * STEP_S,
-        "reward/mean": 0.22 + 0.45 * (1 - math.exp(-step / 14)) + rng.gauss(0, 0.03),
+        "reward/mean": 0.22 + 0.45 * (1 - math.exp(-s / 14)) + rng.gauss(0, 0.03),
         "actor/tokens_per_s": NUM_ACTORS * 820 + rng.gauss(0, 60),
-        "learner/tokens_per_s": 1450 + 120 * math.sin(step / 5) + rng.gauss(0, 40),
+        "learner/tokens_per_s": (1450 + 120 * math.sin(step / 5)) / speed ** 0.5 + rng.gauss(0, 40),
         "buffer/size": max(0, round(10 + 6 * math.sin(step / 4) + rng.gauss(0, 1.5))),
         "buffer/dropped_stale": step // 9,
         "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags),
@@ -50,30 +52,30 @@ def synthetic_step_row(step: int, t0: float, rng: random.Random) -> dict:
         "sync/seconds": 0.9 + 0.15 * math.sin(step / 3) + abs(rng.gauss(0, 0.08)),
         "learner/wait_for_data_s": max(0.0, 1.2 * math.exp(-step / 10) + rng.gauss(0, 0.1)),
         "actor/wait_for_weights_s": max(0.0, 0.35 + rng.gauss(0, 0.06)),
-        "loss/pg": rng.gauss(-0.01, 0.02), "loss/kl_low": 0.002 * step ** 0.5 + abs(rng.gauss(0, 0.001)),
+        "loss/pg": rng.gauss(-0.01, 0.02), "loss/kl_low": 0.002 * s ** 0.5 + abs(rng.gauss(0, 0.001)),
         "loss/clipfrac_low": 0.03 + abs(rng.gauss(0, 0.008)),
         "loss/clipfrac_high": 0.012 + abs(rng.gauss(0, 0.004)),
         "is/rho_mean": 1.0 + rng.gauss(0, 0.01), "is/rho_max": 2.5 + abs(rng.gauss(0, 0.8)),
         "is/truncated_frac": 0.01 + abs(rng.gauss(0, 0.004)), "is/ess": 0.93 + rng.gauss(0, 0.015),
         "is/mismatch_kl": 0.0015 + abs(rng.gauss(0, 0.0004)),
-        "entropy/mean": 0.9 * math.exp(-step / 60) + 0.25 + rng.gauss(0, 0.01),
+        "entropy/mean": 0.9 * math.exp(-s / 60) + 0.25 + rng.gauss(0, 0.01),
         "groups/solve_none": rng.randint(0, 3), "groups/solve_all": rng.randint(0, 2),
-        "reward/infra_errors": int(rng.random() < 0.1), "grad_norm": 0.6 + abs(rng.gauss(0, 0.2)), "lr": 1e-4,
+        "reward/infra_errors": int(rng.random() < 0.1), "grad_norm": 0.6 + abs(rng.gauss(0, 0.2)), "lr": 1e-4 * speed,
         "groups/dropped_solve_none": rng.randint(0, 4), "groups/dropped_solve_all": rng.randint(0, 3),
         "groups/dropped_stale": int(rng.random() < 0.2), "groups/dropped_infra_error": 0,
         "actor/idle_frac": max(0.0, 0.15 + rng.gauss(0, 0.05)),
     }
     if step % 10 == 0:
-        row["eval/accuracy"] = 0.2 + 0.4 * (1 - math.exp(-step / 20)) + rng.gauss(0, 0.01)
+        row["eval/accuracy"] = 0.2 + 0.4 * (1 - math.exp(-s / 20)) + rng.gauss(0, 0.01)
         row["eval/pass_at_k"] = min(1.0, row["eval/accuracy"] + 0.18)
     return row
 
 
-def write_synthetic_run(run_dir: Path, steps: range, t0: float, rng: random.Random) -> None:
+def write_synthetic_run(run_dir: Path, steps: range, t0: float, rng: random.Random, speed: float = 1.0) -> None:
     """Append learner rows for `steps` and 3 actors' rows every 2 s of synthetic time (test data only)."""
     with MetricsWriter(run_dir, None) as writer:
         for s in steps:
-            writer.log(synthetic_step_row(s, t0, rng))
+            writer.log(synthetic_step_row(s, t0, rng, speed))
     t = (steps.start - 1) * STEP_S
     while t < steps.stop * STEP_S - STEP_S:
         v = int(t // STEP_S)

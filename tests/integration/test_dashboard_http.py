@@ -172,3 +172,78 @@ def test_cli_dashboard_command_serves_a_finished_run(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---- several runs (a sweep) on one dashboard --------------------------------------------------------
+
+def _write_rows(run_dir: Path, rows: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / METRICS_FILE, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_several_runs_each_served_by_index_with_its_own_label_and_epoch(tmp_path):
+    a, b = tmp_path / "sweep" / "lr-1e-4", tmp_path / "sweep" / "lr-3e-4"  # test data
+    _write_rows(a, [{"step": s, "time": 100.0 + s, "reward/mean": s / 10} for s in (1, 2, 3)])
+    _write_rows(b, [{"step": s, "time": 200.0 + s, "reward/mean": s / 5} for s in (1, 2)])
+    append_actor_metrics(b, {"actor_id": 0, "actor/tokens_per_s": 512.0})
+    (b / "config.resolved.yaml").write_text(yaml.safe_dump({"learner": {"lr": 3e-4, "total_steps": 9}}))
+    server, url = start_dashboard([a, b], "127.0.0.1", 0)
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url)
+        runs = get_json(url + "api/runs")["runs"]
+        assert [(r["index"], r["label"], r["run_dir"]) for r in runs] == [
+            (0, "lr-1e-4", str(a.resolve())), (1, "lr-3e-4", str(b.resolve()))]
+        ma, mb = (get_json(url + f"api/metrics?run={i}&since=0&epoch=") for i in (0, 1))
+        assert [r["reward/mean"] for r in ma["rows"]] == [0.1, 0.2, 0.3] and ma["next"] == 3
+        assert [r["reward/mean"] for r in mb["rows"]] == [0.2, 0.4] and mb["next"] == 2
+        # one run grows, the other's incremental answer stays empty
+        _write_rows(b, [{"step": 3, "time": 203.0, "reward/mean": 0.6}])
+        assert get_json(url + f"api/metrics?run=0&since=3&epoch={ma['epoch']}")["rows"] == []
+        r = get_json(url + f"api/metrics?run=1&since=2&epoch={mb['epoch']}")
+        assert not r["reset"] and [x["step"] for x in r["rows"]] == [3]
+        assert get_json(url + "api/actors?run=0")["rows"] == []
+        assert get_json(url + "api/actors?run=1")["rows"][0]["actor/tokens_per_s"] == 512.0
+        s0, s1 = (get_json(url + f"api/run?run={i}") for i in (0, 1))
+        assert (s0["label"], s0["step"], s0["total_steps"]) == ("lr-1e-4", 3, None)
+        assert (s1["label"], s1["step"], s1["total_steps"]) == ("lr-3e-4", 3, 9)
+        assert {c["key"]: c["value"] for c in s1["config"]}["learner.lr"] == 3e-4
+        assert get(url + "api/run?run=2")[0] == 404 and get(url + "api/metrics?run=x")[0] == 400
+        assert get(url + "compare.js")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_single_run_lists_one_run(served):
+    run_dir, url = served
+    assert get_json(url + "api/runs")["runs"] == [{"index": 0, "label": "test-run-dir", "name": "test-run-dir",
+                                                    "run_dir": str(run_dir.resolve())}]
+    assert get(url + "api/metrics?run=1")[0] == 404
+
+
+def test_run_labels_tell_same_named_runs_apart(tmp_path):
+    from launch.dashboard_runs import run_labels
+
+    assert run_labels([tmp_path / "x" / "run", tmp_path / "y" / "run", tmp_path / "z"]) == ["x/run", "y/run", "z"]
+    assert run_labels([tmp_path / "run", tmp_path / "run"]) == ["run", "run #2"]
+    assert run_labels([tmp_path / "a" / "s" / "r", tmp_path / "b" / "s" / "r"]) == ["a/s/r", "b/s/r"]
+
+
+@pytest.mark.integration
+def test_cli_dashboard_command_serves_two_runs(tmp_path):
+    a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
+    _write_rows(a, [{"step": 1, "reward/mean": 0.25}])
+    _write_rows(b, [{"step": 1, "reward/mean": 0.5}])
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "dashboard", str(a), str(b), "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        assert m and "2 runs (x/run, y/run)" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert [r["label"] for r in get_json(m.group(1) + "api/runs")["runs"]] == ["x/run", "y/run"]
+        assert get_json(m.group(1) + "api/metrics?run=1")["rows"][0]["reward/mean"] == 0.5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -220,3 +220,50 @@ def test_dashboard_drops_a_half_open_connection(dashboard):
         t0 = time.monotonic()
         assert s.recv(100) == b""  # the server closed it
         assert time.monotonic() - t0 < 5
+
+
+# ---- several runs: a request picks a run by index, never by path -----------------------------------
+
+@pytest.fixture
+def two_runs(tmp_path, monkeypatch):
+    from launch import dashboard as dash
+
+    monkeypatch.setattr(dash._Handler, "timeout", 1.0)
+    (tmp_path / "secret.txt").write_text("SECRET-OUTSIDE")
+    for name in ("run-a", "run-b", "not-given"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "who": f"ROW-{name}"}) + "\n")
+    (tmp_path / "run-a" / "config.resolved.yaml").write_text("learner: {lr: 0.001}\n")
+    server, _ = dash.start_dashboard([tmp_path / "run-a", tmp_path / "run-b"], "127.0.0.1", 0)
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path", [
+    "/api/metrics?run=-1", "/api/metrics?run=2", "/api/metrics?run=../not-given", "/api/metrics?run=%2e%2e",
+    "/api/metrics?run=1%00", "/api/metrics?run=+1", "/api/metrics?run=1_0", "/api/metrics?run=0x1",
+    "/api/metrics?run=0&run=1", "/api/run?run=not-given", "/api/actors?run=99999999999999999999",
+    "/api/metrics/../../secret.txt", "/../secret.txt", "/%2e%2e/secret.txt", "/api/../../not-given/metrics.jsonl",
+    "/compare.js/../../secret.txt", "/run-a/metrics.jsonl", "/metrics.jsonl", "/config.resolved.yaml"])
+def test_dashboard_of_several_runs_reads_only_their_files(two_runs, path):
+    status, body = _get(two_runs, path, f"127.0.0.1:{two_runs}")
+    assert status in (400, 404) and b"SECRET" not in body and b"ROW-" not in body, (status, body[:200])
+
+
+def test_dashboard_of_several_runs_serves_each_given_run(two_runs):
+    host = f"127.0.0.1:{two_runs}"
+    rows = [json.loads(_get(two_runs, f"/api/metrics?run={i}", host)[1])["rows"] for i in (0, 1)]
+    assert rows == [[{"step": 1, "who": "ROW-run-a"}], [{"step": 1, "who": "ROW-run-b"}]]
+    assert json.loads(_get(two_runs, "/api/metrics", host)[1])["rows"] == rows[0]  # no run=: the first
+    assert b"not-given" not in _get(two_runs, "/api/runs", host)[1]
+
+
+def test_dashboard_of_several_runs_refuses_a_bad_run_dir_up_front(tmp_path):
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "no-metrics").mkdir()
+    for bad, needle in (("gone", "run directory not found"), ("no-metrics", "no metrics.jsonl")):
+        line = _assert_refused(_cli(["dashboard", str(tmp_path / "good"), str(tmp_path / bad), "--port", "0"]),
+                               needle, str(tmp_path / bad))
+        assert str(tmp_path / "good") not in line, line  # names the bad directory only
