@@ -3,8 +3,9 @@
 The commands are parsed from the README (a new command is covered without touching this file):
 every line of a fenced code block whose first word is a program a user runs (`archer-async`,
 `bash`, `python`, `pip`, `apt-get`, after any `VAR=value` prefix), continuation lines joined, comments
-dropped. The quick start (`bash launch/dev.sh train`) runs first, shortened by one override
-(`learner.total_steps=4`, which every other `train` gets too); every other command then runs against its run directory and Hugging Face export, with the synopsis
+dropped. The quick start (`bash launch/dev.sh train`) runs first, shortened by two overrides
+(`learner.total_steps=4` and a 16-problem held-out evaluation, which every other `train` gets too);
+every other command then runs against its run directory and Hugging Face export, with the synopsis
 placeholders (RUN_DIR, PATH, FILE, ...) filled in by `FILL` and `[optional]` brackets opened. Each
 must exit 0 with no traceback on stderr (and nothing printed at interpreter exit).
 
@@ -34,8 +35,8 @@ from tests.helpers.launch import ROOT, kill_tagged, new_tag, run_env, wait_no_ta
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 QUICK_START = "bash launch/dev.sh train"
-SHORTER = ["learner.total_steps=4"]
-"""The one change to the quick-start training: fewer steps."""
+SHORTER = ["learner.total_steps=4", "launch.eval_max_problems=16"]
+"""The changes to the quick-start training: fewer steps, a smaller held-out evaluation."""
 
 PROGRAMS = {"archer-async", "bash", "python", "python3", "python3.11", "pip", "apt-get"}
 
@@ -202,7 +203,7 @@ def test_every_readme_command_works_as_printed(tmp_path, shell):
     litter = {Path(w) for c in commands for w in c.split() if w.startswith("/tmp/")}
     litter = {p for p in litter if not p.exists()}
 
-    # 1. the quick start, shortened by one override; its run directory is what every other command uses
+    # 1. the quick start, shortened (SHORTER); its run directory is what every other command uses
     runs = ROOT / "runs"
     before = set(runs.iterdir()) if runs.exists() else set()
     quick = f"{QUICK_START} {' '.join(SHORTER)}"
@@ -235,7 +236,7 @@ def test_every_readme_command_works_as_printed(tmp_path, shell):
             line = fill(command, values)
             words = line.split()
             if words[:2] == ["archer-async", "train"] and "--dry-run" not in words:
-                line += " " + " ".join(SHORTER)  # every training, shortened by the same one override
+                line += " " + " ".join(SHORTER)  # every training, shortened by the same overrides
                 words = line.split()
             if words[0] == "archer-async" and words[1] in LONG_RUNNING:
                 _serve_then_ctrl_c(shell, line)
