@@ -160,6 +160,7 @@ class Run:
                 _console(f"the last checkpoint is intact: `archer-async resume {self.run_dir}` carries on from it")
             self.role_died = isinstance(e, RoleDied)
             status, rc, error = "failed", (EXIT_USER_ERROR if isinstance(e, UserError) else 1), msg
+            write_run_status(self.run_dir, status, error=error)  # now: stopping the roles can take a minute
         finally:
             # a second Ctrl-C / SIGTERM must not cut the shutdown short (that would leave orphans)
             signal.signal(signal.SIGTERM, _ignore_while_stopping)
