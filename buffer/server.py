@@ -304,12 +304,14 @@ class BufferServer:
         self._serve_reserving()
 
     def _serve_reserving(self) -> None:
-        """Divide the free slots among the reserve requests (`buffer.table.share_slots`: fewest in flight
-        first) and answer every request that got slots, does not wait, or reached its deadline."""
+        """Divide the free slots among the reserve requests (`buffer.table.share_slots`: fewest groups
+        accepted plus prompts in flight first) and answer every request that got slots, does not wait, or
+        reached its deadline."""
         if not self._reserving:
             return
         t = self.store.table
-        grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight)
+        grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight,
+                             t.accepted_by_actor)
         now = time.monotonic()
         for client, r in list(self._reserving.items()):
             g = grants[client]

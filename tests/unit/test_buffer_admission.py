@@ -1,5 +1,5 @@
 """The fair-share rule of admission (`buffer.table.share_slots`): free slots go one at a time to the
-client with the fewest prompts in flight, ties to the client that asked first."""
+client with the fewest groups accepted plus prompts in flight, ties to the client that asked first."""
 
 from buffer.table import share_slots
 
@@ -37,3 +37,10 @@ def test_ties_go_to_who_asked_first():
 def test_clients_not_asking_get_nothing():
     got = share_slots(3, {"a": 3}, {"a": 9, "b": 0})
     assert got == {"a": 3}
+
+
+def test_accepted_groups_count_with_in_flight():
+    # b has 4 fewer groups accepted: it gets every slot until its accepted + in flight reaches a's (7)
+    assert share_slots(4, {"a": 4, "b": 4}, {"a": 2, "b": 2}, {"a": 5, "b": 1}) == {"a": 0, "b": 4}
+    assert share_slots(5, {"a": 4, "b": 4}, {"a": 2, "b": 2}, {"a": 5, "b": 1}) == {"a": 1, "b": 4}
+    assert share_slots(4, {"a": 4, "b": 4}, {"a": 2, "b": 2}) == {"a": 2, "b": 2}  # in flight only
