@@ -187,6 +187,12 @@ class BufferConfig(_Section):
     None: learner.batch_groups (8 when the buffer is started with its own section only)."""
     sampler_seed: int = Field(0, ge=0)
     """Seed of the uniform sampler."""
+    max_share_gap: Optional[int] = Field(8, ge=1)
+    """Fair shares when admission does not bind: an actor is granted a prompt only while its groups
+    accepted so far plus prompts in flight stay within this many of the live actor furthest behind,
+    so an actor whose prompts the no-signal filter drops more often, or that generates more slowly,
+    is not left behind in the trained samples (the others wait for it; an actor silent for 30 s no
+    longer counts). None: only the staleness rule limits admission."""
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     """Largest ZMQ message the buffer accepts; bigger ones are refused by the socket."""
     max_commit_batch: int = Field(512, ge=1)

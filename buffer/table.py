@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import msgspec
 
@@ -73,7 +73,8 @@ def filter_reason(reward_statuses: list[str]) -> Optional[str]:
 
 
 def share_slots(free: int, wants: dict[str, int], in_flight: dict[str, int],
-                accepted: Optional[dict[str, int]] = None) -> dict[str, int]:
+                accepted: Optional[dict[str, int]] = None, max_gap: Optional[int] = None,
+                peers: Iterable[str] = ()) -> dict[str, int]:
     """Divide `free` admission slots among the clients that want them (client -> prompts asked for):
     one slot at a time to the client with the fewest groups accepted so far (`accepted`, client ->
     groups stored for training; none given: 0 each) plus prompts in flight, counting the slots it was
@@ -81,16 +82,30 @@ def share_slots(free: int, wants: dict[str, int], in_flight: dict[str, int],
     a client that re-asks in a tight loop cannot take the slots a slower or refused client is waiting
     for, and a client whose groups are dropped as having no signal more often than the others' gets
     more prompts to make up for them: every client that wants work converges to the same number of
-    groups accepted for training. Returns client -> granted (every client of `wants`, 0 included)."""
+    groups accepted for training.
+
+    max_gap: also when slots are free, a client gets one only while its accepted + in flight (the slot
+    included) stays within max_gap of the lowest accepted + in flight among `peers` (the producers
+    that count: live, with groups accepted), so no producer runs ahead of another by more than max_gap
+    groups, whatever their speeds or how often the filter drops their groups. None: no such bound.
+    Returns client -> granted (every client of `wants`, 0 included)."""
     accepted = accepted or {}
+    peers = list(peers)
     order = {c: i for i, c in enumerate(wants)}
     got = {c: 0 for c in wants}
+
+    def key(c: str) -> int:
+        return accepted.get(c, 0) + in_flight.get(c, 0) + got.get(c, 0)
+
     left = max(0, int(free))
     while left > 0:
         cands = [c for c in wants if got[c] < wants[c]]
+        if max_gap is not None and peers:
+            floor = min(key(p) for p in peers)
+            cands = [c for c in cands if key(c) + 1 <= floor + max_gap]
         if not cands:
             break
-        c = min(cands, key=lambda c: (accepted.get(c, 0) + in_flight.get(c, 0) + got[c], order[c]))
+        c = min(cands, key=lambda c: (key(c), order[c]))
         got[c] += 1
         left -= 1
     return got
@@ -137,6 +152,8 @@ class Table:
     filter_groups: bool = True
     batch_groups: int = 8
     seed: int = 0
+    share_gap: Optional[int] = None
+    """Admission's max_gap (`share_slots`); None: none."""
     version: int = 0
     entries: list[Entry] = field(default_factory=list)
     """Every stored group; entries[seq].seq == seq."""

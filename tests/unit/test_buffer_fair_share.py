@@ -94,14 +94,18 @@ def test_counts_survive_replay_and_rewind(tmp_path):
     resumed.close()
 
 
-def _simulate_fleet(fair: bool, ticks: int = 400, seed: int = 0) -> dict[str, float]:
-    """Four actors (8 prompts in flight each, one tick per prompt); actor0's groups pass the no-signal
-    filter 35% of the time, the others' 65%. Admission binds (eta 1, 4 groups per step); the learner
-    trains 4 groups whenever 4 are ready. fair: the policy of this buffer (admission by accepted groups
-    plus in flight, the fair sampler); else fewest in flight and oldest first. Returns trained shares."""
+def _simulate_fleet(fair: bool, binding: bool = True, ticks: int = 400, seed: int = 0) -> dict[str, float]:
+    """Four actors (one tick per prompt); actor0's groups pass the no-signal filter 35% of the time,
+    the others' 65%. binding: admission binds (eta 1, 4 groups per step, 8 prompts in flight per
+    actor), the learner trains 4 groups whenever 4 are ready. Else the learner is the faster side: it
+    trains every full batch at once and the actors stop at their own 4 prompts in flight, far below the
+    staleness rule. fair: the policy of this buffer (admission by accepted groups plus in flight within
+    max_gap 8, the fair sampler); else fewest in flight and oldest first. Returns trained shares."""
     rng = random.Random(seed)
-    t = Table(capacity=256, max_staleness=1, batch_groups=4, sampler="fair" if fair else "oldest")
+    t = Table(capacity=256, max_staleness=1 if binding else 8, batch_groups=4,
+              sampler="fair" if fair else "oldest")
     actors = [f"actor{i}" for i in range(4)]
+    cap = 8 if binding else 4
     passing = {"actor0": 0.35, "actor1": 0.65, "actor2": 0.65, "actor3": 0.65}
     prompts: dict[str, list[int]] = {a: [] for a in actors}  # weight version each prompt started at
     n = 0
@@ -121,19 +125,23 @@ def _simulate_fleet(fair: bool, ticks: int = 400, seed: int = 0) -> dict[str, fl
             t.in_flight[a] = 0
         order = actors[:]
         rng.shuffle(order)  # who asks first varies
-        wants = {a: 8 for a in order}
-        got = share_slots(t.headroom(), wants, t.in_flight, t.accepted_by_actor if fair else None)
+        wants = {a: cap for a in order}
+        got = (share_slots(t.headroom(), wants, t.in_flight, t.accepted_by_actor, 8,
+                           [a for a in actors if t.accepted_by_actor[a] > 0]) if fair
+               else share_slots(t.headroom(), wants, t.in_flight))
         for a, g in got.items():
             prompts[a] += [t.version] * g
             t.in_flight[a] = g
-        for e in t.stale_ready(t.version):
-            t.drop_stored(e, "stale")
-        picks = t.pick(4)
-        if picks:
+        for _ in range(1 if binding else 100):
+            for e in t.stale_ready(t.version):
+                t.drop_stored(e, "stale")
+            picks = t.pick(4)
+            if not picks:
+                break
             t.deliver([e.meta.group_id for e in picks])
             t.version += 1
     total = sum(t.trained_by_actor.values())
-    assert total >= 300
+    assert total >= 200
     return {a: t.trained_by_actor[a] / total for a in actors}
 
 
@@ -143,3 +151,10 @@ def test_simulated_fleet_trains_fair_shares_despite_unequal_filtering():
     after = _simulate_fleet(fair=True)
     assert all(0.8 / 4 <= s <= 1.2 / 4 for s in after.values()), after
     assert max(after.values()) - min(after.values()) < 0.03, after
+
+
+def test_simulated_fleet_is_fair_also_when_admission_does_not_bind():
+    before = _simulate_fleet(fair=False, binding=False)
+    assert before["actor0"] < 0.8 / 4, before  # every actor at its own cap: shares follow the filter
+    after = _simulate_fleet(fair=True, binding=False)
+    assert all(0.8 / 4 <= s <= 1.2 / 4 for s in after.values()), after
