@@ -161,9 +161,9 @@ class BufferConfig(_Section):
     sampler: Literal["fair", "oldest", "uniform"] = "fair"
     """Which ready groups a sample request returns. fair: oldest weight version first; among the
     groups of one version, in turn from the actors with the fewest groups trained so far, each actor's
-    oldest first (never staler than oldest; keeps each actor's share of the trained samples near 1/N;
-    the counts come from the buffer's log, so they survive restarts and resumes). oldest: oldest first
-    by arrival. uniform: at random."""
+    oldest first (no group goes stale while a newer one trains; keeps each actor's share of the
+    trained samples near 1/N; the counts come from the buffer's log, so they survive restarts and
+    resumes). oldest: oldest first by arrival. uniform: at random."""
     max_reuse: int = Field(1, ge=1)
     """How many times one group may be delivered for training (1: each sample trained once)."""
     filter_groups: bool = True

@@ -286,11 +286,11 @@ class Table:
         """The "fair" sampler: n of `ready` (oldest first, len >= n), returned in seq order.
 
         Oldest weight version first, as a whole: the groups of the lowest min_version go before any
-        newer one, so the trained groups are never staler than the oldest-first sampler's (and sync
-        mode's exact policy lag holds). Within one min_version, one group at a time from the actor with
+        newer one, so reordering by actor never leaves an older group to go stale while a newer one
+        trains (and sync mode's exact policy lag holds). Within one min_version, one group at a time from the actor with
         the fewest deliveries so far (`trained_by_actor`, counting the groups just picked), its oldest
         group of that version; ties go to the actor whose group is older. With every actor's groups
-        ready this takes them in turn; with one actor only it is oldest first."""
+        ready this takes them in turn; with one actor only it is oldest version first, then by arrival."""
         count = Counter(self.trained_by_actor)
         tiers: dict[int, dict[str, list[Entry]]] = {}
         for e in reversed(ready):  # each actor's list ends with its oldest group of that version
