@@ -47,6 +47,9 @@ _CHUNK = 4
 """Puts verified and appended between two checks of the commits in flight."""
 _MAX_COMMITS = 2
 """Group commits in flight at once (the write of the newer overlaps the fsync of the older)."""
+_PEER_S = 30.0
+"""A producer silent (no reserve, release or put) for longer no longer holds back the others under
+buffer.max_share_gap (it crashed, restarts or finished)."""
 
 
 def resolve_config(cfg: Union[Config, BufferConfig, dict, None]) -> tuple[BufferConfig, int]:
@@ -113,6 +116,7 @@ class BufferServer:
         self._fresh = wire.ReplayWindow()
         self._waiting: dict[str, _Waiting] = {}
         self._reserving: dict[str, _Reserving] = {}  # client -> its reserve request, oldest first
+        self._seen: dict[str, float] = {}  # producer -> when it last reserved, released or put (monotonic)
         self._stop = threading.Event()
         self._pool = (ThreadPoolExecutor(_MAX_COMMITS, thread_name_prefix="buffer-fsync")
                       if self.cfg.fsync else None)
@@ -259,6 +263,7 @@ class BufferServer:
         for _, _, _, _, client, held in prepared:
             if held is not None:  # the producer's own count of prompts it still has in flight
                 self.store.table.in_flight[client] = held
+                self._seen[client] = time.monotonic()
         acks: dict[bytes, list] = {}  # one ack message per producer per batch, not one per group
         full: dict[bytes, list] = {}
         for (ident, rid, meta, _, _, _), status in zip(prepared, statuses):
@@ -297,6 +302,7 @@ class BufferServer:
     def _reserve(self, ident: bytes, req: wire.Reserve, staged: list) -> None:
         t = self.store.table
         t.in_flight[req.client] = req.held
+        self._seen[req.client] = time.monotonic()
         self._reserving.pop(req.client, None)  # a newer request replaces a held one (its sender moved on)
         self._reserving[req.client] = _Reserving(ident, req.rid, req.want,
                                                  time.monotonic() + min(req.wait_ms, _MAX_WAIT_MS) / 1e3,
@@ -304,13 +310,17 @@ class BufferServer:
         self._serve_reserving()
 
     def _serve_reserving(self) -> None:
-        """Divide the free slots among the reserve requests (`buffer.table.share_slots`: fewest in flight
-        first) and answer every request that got slots, does not wait, or reached its deadline."""
+        """Divide the free slots among the reserve requests (`buffer.table.share_slots`: fewest groups
+        accepted plus prompts in flight first, none more than buffer.max_share_gap ahead of the live
+        producer furthest behind) and answer every request that got slots, does not wait, or reached
+        its deadline."""
         if not self._reserving:
             return
         t = self.store.table
-        grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight)
         now = time.monotonic()
+        peers = [c for c, seen in self._seen.items() if now - seen <= _PEER_S and t.accepted_by_actor.get(c, 0) > 0]
+        grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight,
+                             t.accepted_by_actor, t.share_gap, peers)
         for client, r in list(self._reserving.items()):
             g = grants[client]
             if g > 0 or r.want == 0 or not r.hold or now >= r.deadline:
@@ -323,6 +333,7 @@ class BufferServer:
     def _release(self, ident: bytes, req: wire.Release, staged: list) -> None:
         t = self.store.table
         t.in_flight[req.client] = max(0, t.in_flight.get(req.client, 0) - req.n)
+        self._seen[req.client] = time.monotonic()
         self._reply(self.control, ident, {"rid": req.rid, "status": "ok", **self._admission()})
 
     def _set_version(self, ident: bytes, req: wire.SetVersion, staged: list) -> None:

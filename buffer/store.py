@@ -164,7 +164,7 @@ class BufferStore:
         self.table = Table(capacity=bcfg.capacity, max_staleness=initial_staleness(bcfg),
                            sampler=bcfg.sampler, max_reuse=bcfg.max_reuse,
                            filter_groups=bcfg.filter_groups, batch_groups=batch_groups,
-                           seed=bcfg.sampler_seed)
+                           seed=bcfg.sampler_seed, share_gap=bcfg.max_share_gap)
         self.log = SegmentLog(log_dir, bcfg.segment_bytes, bcfg.fsync, readonly=readonly,
                               direct=bcfg.fsync and bcfg.direct_io)
         self.record_counts = {name: 0 for name in RECORD_NAMES.values()}

@@ -10,6 +10,14 @@ Group states (per stored group, ordered by ``seq``, the ingest sequence number):
   dropped   too stale when sampled (a DROP record says so)
 Groups dropped at ingest (filtered, too stale) are never stored: only their DROP record exists.
 
+Fairness across actors (every count below is derived from the log, so replay and `rewind` rebuild it
+and nothing more is checkpointed): `accepted_by_actor` (groups stored and not dropped as stale) and
+`trained_by_actor` (deliveries) per producing actor. Admission (`share_slots`) gives a free slot to
+the actor with the fewest accepted groups plus prompts in flight, so an actor whose groups the filter
+drops more often generates more; the "fair" sampler delivers, among the ready groups, those of the
+actors with the fewest deliveries so far. Together they keep each actor's share of the trained
+samples near 1/N even when the actors' prompts pass the filter at different rates.
+
 consumed_state (what the learner checkpoints): ``{"format": 1, "cursor": L, "consumed": {gid: k},
 "version": v}`` where every group with seq < L is finished (consumed or dropped) and ``consumed``
 lists delivery counts of groups with seq >= L. Rewinding to it makes every group delivered after
@@ -21,7 +29,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import msgspec
 
@@ -64,21 +72,40 @@ def filter_reason(reward_statuses: list[str]) -> Optional[str]:
     return None if why is None else "filtered:" + why
 
 
-def share_slots(free: int, wants: dict[str, int], in_flight: dict[str, int]) -> dict[str, int]:
+def share_slots(free: int, wants: dict[str, int], in_flight: dict[str, int],
+                accepted: Optional[dict[str, int]] = None, max_gap: Optional[int] = None,
+                peers: Iterable[str] = ()) -> dict[str, int]:
     """Divide `free` admission slots among the clients that want them (client -> prompts asked for):
-    one slot at a time to the client with the fewest prompts in flight, counting the slots it was just
-    given; ties go to the client that asked first (the order of `wants`). So when admission binds, a
-    client that re-asks in a tight loop cannot take the slots a slower or refused client is waiting
-    for: every client that wants work converges to the same number in flight. Returns client -> granted
-    (every client of `wants`, 0 included)."""
+    one slot at a time to the client with the fewest groups accepted so far (`accepted`, client ->
+    groups stored for training; none given: 0 each) plus prompts in flight, counting the slots it was
+    just given; ties go to the client that asked first (the order of `wants`). So when admission binds,
+    a client that re-asks in a tight loop cannot take the slots a slower or refused client is waiting
+    for, and a client whose groups are dropped as having no signal more often than the others' gets
+    more prompts to make up for them: every client that wants work converges to the same number of
+    groups accepted for training.
+
+    max_gap: also when slots are free, a client gets one only while its accepted + in flight (the slot
+    included) stays within max_gap of the lowest accepted + in flight among `peers` (the producers
+    that count: live, with groups accepted), so no producer runs ahead of another by more than max_gap
+    groups, whatever their speeds or how often the filter drops their groups. None: no such bound.
+    Returns client -> granted (every client of `wants`, 0 included)."""
+    accepted = accepted or {}
+    peers = list(peers)
     order = {c: i for i, c in enumerate(wants)}
     got = {c: 0 for c in wants}
+
+    def key(c: str) -> int:
+        return accepted.get(c, 0) + in_flight.get(c, 0) + got.get(c, 0)
+
     left = max(0, int(free))
     while left > 0:
         cands = [c for c in wants if got[c] < wants[c]]
+        if max_gap is not None and peers:
+            floor = min(key(p) for p in peers)
+            cands = [c for c in cands if key(c) + 1 <= floor + max_gap]
         if not cands:
             break
-        c = min(cands, key=lambda c: (in_flight.get(c, 0) + got[c], order[c]))
+        c = min(cands, key=lambda c: (key(c), order[c]))
         got[c] += 1
         left -= 1
     return got
@@ -119,11 +146,14 @@ class Table:
 
     capacity: int = 256
     max_staleness: int = 4
-    sampler: str = "oldest"
+    sampler: str = "fair"
+    """"fair" (`pick_fair`), "oldest" (oldest first) or "uniform" (at random)."""
     max_reuse: int = 1
     filter_groups: bool = True
     batch_groups: int = 8
     seed: int = 0
+    share_gap: Optional[int] = None
+    """Admission's max_gap (`share_slots`); None: none."""
     version: int = 0
     entries: list[Entry] = field(default_factory=list)
     """Every stored group; entries[seq].seq == seq."""
@@ -136,6 +166,10 @@ class Table:
     in_flight: dict[str, int] = field(default_factory=dict)
     last_delivery: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     """consumer -> (request id, group ids) of its latest delivery (idempotent retries)."""
+    accepted_by_actor: Counter = field(default_factory=Counter)
+    """actor_id -> groups stored and not dropped as stale (admission's fair share)."""
+    trained_by_actor: Counter = field(default_factory=Counter)
+    """actor_id -> deliveries of its groups (the fair sampler's count)."""
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -200,6 +234,7 @@ class Table:
         self.by_id[meta.group_id] = e
         self.live[e.seq] = e
         self.counters["stored"] += 1
+        self.accepted_by_actor[meta.actor_id] += 1
         return e
 
     def add_ingest_drop(self, info: DropInfo) -> None:
@@ -234,6 +269,7 @@ class Table:
         self._count_drop(reason)
         if reason == "stale":
             self.counters["dropped_stale_stored"] += 1
+            self.accepted_by_actor[e.meta.actor_id] -= 1
 
     def pick(self, n: int, exclude: frozenset = frozenset()) -> Optional[list[Entry]]:
         """n distinct ready groups by the sampler, or None if fewer are ready (state unchanged)."""
@@ -242,7 +278,33 @@ class Table:
             return None
         if self.sampler == "uniform":
             return sorted(self.rng.sample(ready, n), key=lambda e: e.seq)
+        if self.sampler == "fair":
+            return self.pick_fair(ready, n)
         return ready[:n]
+
+    def pick_fair(self, ready: list[Entry], n: int) -> list[Entry]:
+        """The "fair" sampler: n of `ready` (oldest first, len >= n), returned in seq order.
+
+        Oldest weight version first, as a whole: the groups of the lowest min_version go before any
+        newer one, so reordering by actor never leaves an older group to go stale while a newer one
+        trains (and sync mode's exact policy lag holds). Within one min_version, one group at a time from the actor with
+        the fewest deliveries so far (`trained_by_actor`, counting the groups just picked), its oldest
+        group of that version; ties go to the actor whose group is older. With every actor's groups
+        ready this takes them in turn; with one actor only it is oldest version first, then by arrival."""
+        count = Counter(self.trained_by_actor)
+        tiers: dict[int, dict[str, list[Entry]]] = {}
+        for e in reversed(ready):  # each actor's list ends with its oldest group of that version
+            tiers.setdefault(e.meta.min_version, {}).setdefault(e.meta.actor_id, []).append(e)
+        picks: list[Entry] = []
+        for version in sorted(tiers):
+            queues = tiers[version]
+            while queues and len(picks) < n:
+                a = min(queues, key=lambda a: (count[a], queues[a][-1].seq))
+                picks.append(queues[a].pop())
+                count[a] += 1
+                if not queues[a]:
+                    del queues[a]
+        return sorted(picks, key=lambda e: e.seq)
 
     def deliver(self, group_ids: list[str], consumer: str = "", request_id: str = "") -> list[Entry]:
         """Count one delivery of each group; finished groups leave the live set."""
@@ -250,6 +312,7 @@ class Table:
         for gid in group_ids:
             e = self.by_id[gid]
             e.delivered += 1
+            self.trained_by_actor[e.meta.actor_id] += 1
             if e.delivered >= self.max_reuse:
                 self.live.pop(e.seq, None)
                 e.meta = slim(e.meta)
@@ -298,6 +361,10 @@ class Table:
                     self.live[e.seq] = e
         self.version = version
         self.last_delivery.clear()
+        self.trained_by_actor = Counter()
+        for e in self.entries:
+            if e.dropped is None and e.delivered:
+                self.trained_by_actor[e.meta.actor_id] += e.delivered
         self.counters["rewinds"] += 1
         return [e for e in self.live.values() if is_slim(e.meta)]
 
@@ -324,4 +391,6 @@ class Table:
             "dropped_by_reason": {k[5:]: v for k, v in c.items() if k.startswith("drop:")},
             "depth_by_version": {str(k): v for k, v in self.depth_by_version().items()},
             "cursor": self.cursor(),
+            "accepted_by_actor": dict(sorted(self.accepted_by_actor.items())),
+            "trained_by_actor": dict(sorted(self.trained_by_actor.items())),
         }

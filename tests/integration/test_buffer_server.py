@@ -125,7 +125,7 @@ def test_backpressure_then_restore_from_checkpoint_state(tmp_path, buffer_server
 
 
 def test_inspect_reports_states_and_torn_tail(tmp_path, buffer_server, capsys):
-    proc = buffer_server({"filter_groups": True, "fsync": False})
+    proc = buffer_server({"filter_groups": True, "fsync": False, "sampler": "oldest"})  # by arrival
     with BufferClient.from_run_dir(tmp_path) as c:
         c.put_many([make_group(i, version=i % 2) for i in range(6)] + [make_group(6, rewards=("fail", "fail"))])
         c.sample(2, 0, timeout=10)

@@ -32,7 +32,7 @@ class BufferMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="buf-sm-"))
         self.store = None
 
-    @initialize(max_reuse=st.sampled_from([1, 2]), sampler=st.sampled_from(["oldest", "uniform"]),
+    @initialize(max_reuse=st.sampled_from([1, 2]), sampler=st.sampled_from(["fair", "oldest", "uniform"]),
                 capacity=st.integers(2, 6), segment_bytes=st.sampled_from([300, 1 << 20]))
     def init(self, max_reuse, sampler, capacity, segment_bytes):
         self.cfg = BufferConfig(capacity=capacity, max_staleness=1, sampler=sampler, max_reuse=max_reuse,

@@ -20,11 +20,11 @@ def test_batch_complete_and_versions_by_hand():
     assert batch_versions(3, 0) == [0, 1, 2]
 
 
-def _group(t: Table, serving: int, rng: random.Random) -> None:
+def _group(t: Table, serving: int, rng: random.Random, actors: int = 1) -> None:
     """One prompt generated at version `serving` arrives: stored, or filtered (no signal) at ingest."""
     gid = f"g{t.next_seq}-{len(t.ingest_drops)}"
     statuses = ["fail"] * 4 if rng.random() < 0.3 else ["pass", "fail", "fail", "pass"]
-    meta = GroupMeta(group_id=gid, min_version=serving, max_version=serving, actor_id="a0", prompt_index=0,
+    meta = GroupMeta(group_id=gid, min_version=serving, max_version=serving, actor_id=f"a{rng.randrange(actors)}", prompt_index=0,
                      sample_ids=[f"{gid}-{i}" for i in range(4)], reward_statuses=statuses, num_tokens=8,
                      created_at=0.0, nbytes=1)
     verdict = t.classify(meta)
@@ -35,21 +35,23 @@ def _group(t: Table, serving: int, rng: random.Random) -> None:
         t.add_ingest_drop(DropInfo(group_id=gid, reason=verdict, stage="ingest", version=t.version))
 
 
-def _simulate(lag: int, hold: bool, steps: int = 12, b: int = 4, seed: int = 0) -> list[list[int]]:
+def _simulate(lag: int, hold: bool, steps: int = 12, b: int = 4, seed: int = 0, sampler: str = "oldest",
+              actors: int = 1) -> list[list[int]]:
     """Sync-mode driver loop over the buffer table: per step the actors (serving the learner's version)
-    generate within the admission rule, the learner takes the oldest B groups, then the weights move on.
+    generate within the admission rule, the learner takes B groups by `sampler` (oldest: the oldest B),
+    then the weights move on.
     hold: the actors first finish everything admitted at this version (the driver's rule). Without it,
     they stop after a random part of it (the learner only needs its B groups). Returns per step the
     versions of the trained groups."""
     rng = random.Random(seed)
-    t = Table(capacity=256, max_staleness=lag, batch_groups=b)
+    t = Table(capacity=256, max_staleness=lag, batch_groups=b, sampler=sampler)
     trained = []
     for v in range(steps):
         t.version = v  # the version the actors serve (sync mode: announced after the weight sync)
         while len(t.ready()) < b or (hold and t.headroom() > 0) or (not hold and t.headroom() > 0
                                                                    and rng.random() < 0.5):
             assert t.headroom() > 0, "the admission rule stalls generation"
-            _group(t, v, rng)
+            _group(t, v, rng, actors)
         if hold:
             assert batch_complete(t.accepted(), sum(t.in_flight.values()), v, lag, b)
         assert not t.stale_ready(v)
@@ -59,9 +61,11 @@ def _simulate(lag: int, hold: bool, steps: int = 12, b: int = 4, seed: int = 0) 
     return trained
 
 
+@pytest.mark.parametrize("sampler, actors", [("oldest", 1), ("fair", 3)])
 @pytest.mark.parametrize("lag", [0, 1, 2, 5])
-def test_hold_gives_exact_lag_from_the_versions(lag):
-    trained = _simulate(lag, hold=True)
+def test_hold_gives_exact_lag_from_the_versions(lag, sampler, actors):
+    # fair with 3 actors: it reorders the ready groups by actor, but only within one weight version
+    trained = _simulate(lag, hold=True, sampler=sampler, actors=actors)
     for v, versions in enumerate(trained):
         assert versions == [max(0, v - lag)] * 4, (v, versions)
     assert [v - vs[0] for v, vs in enumerate(trained)][lag:] == [lag] * (len(trained) - lag)
