@@ -318,7 +318,8 @@ class BufferServer:
             return
         t = self.store.table
         now = time.monotonic()
-        peers = [c for c, seen in self._seen.items() if now - seen <= _PEER_S and t.accepted_by_actor.get(c, 0) > 0]
+        peers = [c for c, seen in self._seen.items()
+                 if now - seen <= _PEER_S and t.accepted_by_actor.get(c, 0) > 0]
         grants = share_slots(t.headroom(), {c: r.want for c, r in self._reserving.items()}, t.in_flight,
                              t.accepted_by_actor, t.share_gap, peers)
         for client, r in list(self._reserving.items()):

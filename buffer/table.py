@@ -14,9 +14,11 @@ Fairness across actors (every count below is derived from the log, so replay and
 and nothing more is checkpointed): `accepted_by_actor` (groups stored and not dropped as stale) and
 `trained_by_actor` (deliveries) per producing actor. Admission (`share_slots`) gives a free slot to
 the actor with the fewest accepted groups plus prompts in flight, so an actor whose groups the filter
-drops more often generates more; the "fair" sampler delivers, among the ready groups, those of the
-actors with the fewest deliveries so far. Together they keep each actor's share of the trained
-samples near 1/N even when the actors' prompts pass the filter at different rates.
+drops more often generates more, and (Table.share_gap, buffer.max_share_gap) none runs more than that
+many groups ahead of the live actor furthest behind, also when slots are free; the "fair" sampler
+delivers, among the ready groups of the oldest version, those of the actors with the fewest
+deliveries so far. Together they keep each actor's share of the trained samples near 1/N even when
+the actors' prompts pass the filter at different rates.
 
 consumed_state (what the learner checkpoints): ``{"format": 1, "cursor": L, "consumed": {gid: k},
 "version": v}`` where every group with seq < L is finished (consumed or dropped) and ``consumed``
