@@ -18,19 +18,27 @@ in the command line's list (default 0); a request never names a path:
 - ``/api/run``               run summary: run dir, status (live / finished / failed / stopped / idle),
   step, version, start time, elapsed seconds, a config summary from config.resolved.yaml.
 
+Bound to a loopback address (127.0.0.1, the default), the dashboard serves this machine only. Bound to any
+other address (``--host 0.0.0.0`` / ``dashboard.host`` to watch from another machine), every ``/api/`` route
+needs the server's token, drawn at start and printed in its address (``...?token=T``): opening that
+address sets a same-site, HTTP-only cookie that the page's requests carry; a request without it gets 401.
+
 Files are re-read incrementally (from the last byte offset) on each request, so polling a long run stays
 cheap; a torn last line is left for the next poll.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
+import secrets
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, urlparse
 
 from archer_async.config import UserError
@@ -60,6 +68,14 @@ def allowed_hosts(bind_host: str, port: int) -> set[str]:
     return names | {f"{n}:{port}" for n in names}
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+"""Bind addresses served without a token (reachable from this machine only)."""
+
+
+def _cookie_name(port: int) -> str:
+    return f"archer_dashboard_{port}"  # cookies ignore the port: one name per dashboard on a host
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "archer-async-dashboard"
     readers: list[RunReader]  # set on the per-server subclass, in the command line's order
@@ -79,8 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not self._host_ok():
                 return self._json(421, {"error": "unknown Host header (only the dashboard's own address is served)"})
+            if url.path.startswith("/api/") and not self._authorized(q):
+                return self._json(401, {"error": "this dashboard needs its token: open the address it printed "
+                                                 "at start (http://HOST:PORT/?token=...)"})
             if url.path in ("/", "/index.html"):
-                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+                cookie = None
+                if self._token() and self._authorized(q):
+                    cookie = (f"{_cookie_name(self.server.server_address[1])}={self._token()}; "
+                              "HttpOnly; SameSite=Strict; Path=/")
+                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8", cookie)
             elif url.path == "/compare.js":
                 self._send(200, COMPARE_JS.read_bytes(), "text/javascript; charset=utf-8")
             elif url.path == "/api/runs":
@@ -106,6 +129,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _token(self) -> str | None:
+        return self.server.token  # type: ignore[attr-defined]
+
+    def _authorized(self, q: dict) -> bool:
+        """No token needed (loopback bind), or the request carries it: ``?token=`` or the cookie."""
+        token = self._token()
+        if token is None:
+            return True
+        given = q.get("token", [""])[0]
+        jar = SimpleCookie()
+        try:
+            jar.load(self.headers.get("Cookie") or "")
+        except CookieError:
+            pass
+        morsel = jar.get(_cookie_name(self.server.server_address[1]))
+        return any(hmac.compare_digest(c.encode(), token.encode()) for c in (given, morsel.value if morsel else "") if c)
+
     def _run_index(self, q: dict) -> int | None:
         """The index of ``run=I`` (default 0), or None after answering 400/404: only an index into the
         runs given at start is accepted, never a path."""
@@ -122,9 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, code: int, obj: Any) -> None:
         self._send(code, json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), "application/json")
 
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
+    def _send(self, code: int, body: bytes, ctype: str, cookie: str | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
+        if cookie:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -153,6 +195,7 @@ def make_server(run_dirs: str | Path | list[str | Path], host: str = "127.0.0.1"
                         "choose another port (--port, or dashboard.port=0 for a free one)") from None
     server.daemon_threads = True
     server.allowed_hosts = allowed_hosts(host, server.server_address[1])  # type: ignore[attr-defined]
+    server.token = None if host.lower() in LOOPBACK else secrets.token_urlsafe(24)  # type: ignore[attr-defined]
     return server
 
 
@@ -161,7 +204,10 @@ def server_url(server: ThreadingHTTPServer) -> str:
     host, port = server.server_address[:2]
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return f"http://{host}:{port}/"
+    elif ":" in host:
+        host = f"[{host}]"
+    token = getattr(server, "token", None)
+    return f"http://{host}:{port}/" + (f"?token={token}" if token else "")
 
 
 def start_dashboard(run_dir: str | Path | list[str | Path], host: str = "127.0.0.1", port: int = 0, *,

@@ -247,3 +247,42 @@ def test_cli_dashboard_command_serves_two_runs(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_dashboard_off_loopback_serves_its_data_only_with_its_token(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run_status(run_dir, "running", total_steps=5)
+    # 127.0.0.2: a loopback address the machine answers on, but not one of the token-free bind addresses
+    server, url = start_dashboard(run_dir, "127.0.0.2", 0)
+    try:
+        m = re.fullmatch(r"(http://127\.0\.0\.2:\d+/)\?token=([A-Za-z0-9_-]{32})", url)
+        assert m, url
+        base, token = m.groups()
+        assert get(base + "api/run")[0] == 401
+        assert get(base + "api/metrics?since=0")[0] == 401
+        assert get(base + "api/run?token=" + "x" * 32)[0] == 401
+        assert get_json(base + f"api/run?token={token}")["status"] == "live"
+        # the address as printed sets a cookie that the page's own requests carry
+        with urllib.request.urlopen(url, timeout=10) as r:
+            cookie = r.headers.get("Set-Cookie")
+            assert r.status == 200 and b"<html" in r.read().lower()
+        port = server.server_address[1]
+        assert cookie.startswith(f"archer_dashboard_{port}={token};") and "HttpOnly" in cookie, cookie
+        req = urllib.request.Request(base + "api/run", headers={"Cookie": cookie.split(";")[0]})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["status"] == "live"
+        bad = urllib.request.Request(base + "api/run", headers={"Cookie": f"archer_dashboard_{port}=nope"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=10)
+        assert e.value.code == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+    # on 127.0.0.1 (the default) no token: the machine's own users only
+    server, url = start_dashboard(run_dir, "127.0.0.1", 0)
+    try:
+        assert "token" not in url and get_json(url + "api/run")["status"] == "live"
+    finally:
+        server.shutdown()
+        server.server_close()
