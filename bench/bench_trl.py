@@ -148,7 +148,7 @@ def trl_summary(res: dict, warmup: int) -> dict:
 def archer_generated_tokens(run_dir: Path, t_from: float, t_to: float) -> float:
     """The actors' generated tokens/s over [t_from, t_to] from actor_metrics.jsonl (each actor reports
     its 30 s-window rate every 5 s): per 5 s slot the sum over actors, then the mean over slots."""
-    from bench_async import iter_jsonl
+    from bench.bench_async import iter_jsonl
 
     per_time: dict[int, float] = {}
     for r in iter_jsonl(run_dir / "actor_metrics.jsonl"):
