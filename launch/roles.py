@@ -131,9 +131,6 @@ class RoleHost:
     def node(self) -> str:
         return f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, node {ray.get_runtime_context().get_node_id()[:8]})"
 
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
-
     def gpu_ids(self) -> list[str]:
         """Identities of the GPUs Ray gave this role ([] for none): UUIDs where `nvidia-smi` names them,
         else "<node id>/gpu<index>" (`launch.colocation` compares them)."""

@@ -23,7 +23,7 @@ class _LogFile(logging.FileHandler):
             return
         self.broken = True
         err = sys.exc_info()[1]
-        why = f"{os.strerror(err.errno)}" if isinstance(err, OSError) and err.errno else repr(err)
+        why = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else repr(err)
         try:
             sys.__stderr__.write(f"[archer-async] log file {self.baseFilename}: {why}; its further lines are dropped\n")
         except (OSError, ValueError, AttributeError):

@@ -215,8 +215,7 @@ class Control:
     def __init__(self, init: SyncInit, is_master: bool, timeout_s: float):
         self.host, self.port, self.token = init.host, init.store_port, init.token
         self.timeout = datetime.timedelta(seconds=max(1.0, timeout_s))
-        self.store = secret_namespace(tcp_store(init.host, init.store_port, is_master,
-                                                datetime.timedelta(seconds=max(1.0, timeout_s))), init.token)
+        self.store = secret_namespace(tcp_store(init.host, init.store_port, is_master, self.timeout), init.token)
 
     def client(self, prefix: str, deadline: float):
         """A second client of this store (its own connection, blocking calls bounded by the deadline),
