@@ -48,11 +48,16 @@ class BufferRole(Protocol):
 
 
 class LearnerRole(Protocol):
-    """One FSDP2 learner rank (`learner.trainer.Learner`). Every method is collective: the launcher
-    calls it on every rank in the same order."""
+    """One FSDP2 learner rank (`learner.trainer.Learner`). Every method but `stop_waiting` is collective:
+    the launcher calls it on every rank in the same order."""
 
     def step_from_buffer(self, poll_s: float = 10.0) -> dict:
-        """One training step on a batch sampled from the buffer; the step's metrics (same on every rank)."""
+        """One training step on a batch sampled from the buffer; the step's metrics (same on every rank),
+        or {"waiting_stopped": True} on every rank when `stop_waiting` ended its wait for data."""
+
+    def stop_waiting(self, step: int) -> None:
+        """Rank 0, from another thread: if training step `step` is still waiting for data, end it
+        without training (nothing sampled); the launcher re-places actors, then calls the step again."""
 
     def broadcast_weights(self, version: Optional[int] = None, sender_init: Any = None) -> dict:
         """Send the current weights to the actors as `version`: {"ok", "version", "seconds", "error"}."""

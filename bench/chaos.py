@@ -8,7 +8,9 @@ Seeded (the kill schedule and the waits come from `random.Random(seed)`), bounde
     actor    the actor's Ray worker (the driver re-places it with the same index; the run goes on)
     reward   one math-verification worker process of an actor (its sample becomes an infra_error)
     engine   the vLLM engine-core process of an actor (the actor stops generating; the driver re-places
-             it at the next weight sync, or stops the step with a clear error if no actor generates)
+             it at the next weight sync)
+    actors   every actor's Ray worker at once (no actor generates: the step waiting for data ends, the
+             driver re-places them all with the current weights and the step starts again)
     buffer   the buffer's process (the run stops with a message naming it; `resume` carries on)
     learner  one learner rank's process (as for the buffer)
 
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("actor", "reward", "engine", "buffer", "learner")
+KINDS = ("actor", "reward", "engine", "actors", "buffer", "learner")
 STOPPING = ("buffer", "learner")
 
 
@@ -148,12 +150,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def find_target(run_dir: Path, kind: str, rng: random.Random, num_actors: int, num_ranks: int) -> Optional[tuple[str, int]]:
-    """(role description, pid) of a live process of `kind`, or None."""
+def find_target(run_dir: Path, kind: str, rng: random.Random, num_actors: int, num_ranks: int) -> Optional[tuple[str, list[int]]]:
+    """(role description, pids) of the live process(es) of `kind`, or None."""
     try:
         pids = json.loads((run_dir / "pids.json").read_text())
     except (OSError, ValueError):
         return None
+    if kind == "actors":  # while the learner waits for data: the step cannot finish without them
+        found = [int(pids[f"actor{i}"]) for i in range(num_actors) if f"actor{i}" in pids]
+        alive = [p for p in found if _alive(p)]
+        return ("every actor", alive) if alive and len(alive) == num_actors and _learner_waits(run_dir) else None
     if kind == "actor":
         role = f"actor{rng.randrange(num_actors)}"
     elif kind == "learner":
@@ -169,9 +175,25 @@ def find_target(run_dir: Path, kind: str, rng: random.Random, num_actors: int, n
         if not workers:
             return None
         w = workers[rng.randrange(len(workers))]
-        return f"{'reward worker' if kind == 'reward' else 'vLLM engine'} of {actor}", w.pid
+        return f"{'reward worker' if kind == 'reward' else 'vLLM engine'} of {actor}", [w.pid]
     pid = pids.get(role)
-    return (role, int(pid)) if pid and _alive(int(pid)) else None
+    return (role, [int(pid)]) if pid and _alive(int(pid)) else None
+
+
+def _learner_waits(run_dir: Path) -> bool:
+    """Whether the learner has a sample request waiting in the buffer (the buffer's own stats)."""
+    from archer_async.buffer_client import BufferClient
+
+    try:
+        client = BufferClient.from_run_dir(run_dir, client_id="chaos", endpoints_wait_s=5.0)
+    except Exception:  # noqa: BLE001 - the buffer is not up (yet): not waiting
+        return False
+    try:
+        return int(client.stats(timeout=5.0).get("waiting_samples", 0)) > 0
+    except Exception:  # noqa: BLE001 - no answer in time: ask again later
+        return False
+    finally:
+        client.close()
 
 
 def _safe_name(p) -> str:
@@ -311,12 +333,17 @@ def run_chaos(run_dir: Path, seed: int, kills: int, steps: int, time_limit_s: fl
                 continue
             if not target:
                 break
-            role, pid = target
-            os.kill(pid, signal.SIGKILL)
-            ev = {"t": round(time.monotonic() - t0, 1), "kind": kind, "role": role, "pid": pid,
+            role, pids = target
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            ev = {"t": round(time.monotonic() - t0, 1), "kind": kind, "role": role, "pids": pids,
                   "step": _trained_steps(run_dir)}
             events.append(ev)
-            print(f"[chaos] t={ev['t']}s kill -9 {role} (pid {pid}) at step {ev['step']}", flush=True)
+            print(f"[chaos] t={ev['t']}s kill -9 {role} (pid {', '.join(map(str, pids))}) at step {ev['step']}", flush=True)
+            if kind == "actors":  # answered once the driver re-placed them (it rewrites pids.json)
+                t_kill = time.time()
+                while time.monotonic() < t_end and driver.proc.poll() is None and not _pids_since(run_dir, t_kill):
+                    time.sleep(1.0)
             if kind in STOPPING:
                 last_stop_ckpt = _latest_step(run_dir)
                 rc = driver.wait(max(60.0, min(300.0, t_end - time.monotonic())))

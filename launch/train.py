@@ -100,6 +100,7 @@ class Run:
         self._row_t = time.monotonic()
         self._drops_prev: Optional[dict] = None  # the buffer's drop counts by reason at the last row
         self.actor_errors: dict[int, str] = {}  # actors alive but stopped generating (their last stats' error)
+        self._waiting_step, self._stalled = 0, ""  # the step waiting for data; why no actor generates
         self.generating = False
         self.role_died = False
         self.progress = ProgressWatch(cfg.launch.no_progress_timeout_s, cfg.data.max_prompt_length,
@@ -272,8 +273,7 @@ class Run:
         _console(f"training steps {start_step + 1}..{total}")
         step = start_step
         for step in range(start_step + 1, total + 1):
-            m = self._learners(lambda h: h.step_from_buffer(), what=f"training step {step}",
-                               check=self._check_generation)[0]
+            m = self._train_step(step, version)
             if cfg.launch.mode == "sync" and cfg.launch.policy_lag:
                 self._hold_for_lag(version)  # the actors finish version `version`'s batch before new weights
             sync = self._sync_weights(int(m["version"]), serving=version)
@@ -353,14 +353,38 @@ class Run:
                 raise RoleDied(f"{', '.join(dead)}: the process died during {what} (then: {e})") from None
             raise
 
+    def _train_step(self, step: int, version: int) -> dict:
+        """Training step `step` on every learner rank; its metrics (rank 0's).
+
+        Actors that die are re-placed at the next weight sync, which follows the step. When none is left
+        generating, the step cannot get its data: the learner stops waiting (nothing sampled), the actors
+        are re-placed at once and get the current weights (`version`) as a weight sync, and the step
+        starts again. Up to MAX_REPLACEMENTS_PER_STEP times; then the run stops naming the cause."""
+        for _ in range(MAX_REPLACEMENTS_PER_STEP + 1):
+            self._waiting_step, self._stalled = step, ""
+            m = self._learners(lambda h: h.step_from_buffer(), what=f"training step {step}",
+                               check=self._check_generation)[0]
+            self._waiting_step = 0
+            if not m.get("waiting_stopped"):
+                return m
+            _console(f"step {step}: {self._stalled}; re-placing actors, then the step goes on")
+            self._sync_weights(version)
+        raise NoProgress(f"{self._stalled}, after re-placing actors {MAX_REPLACEMENTS_PER_STEP} times in step {step}")
+
     def _check_generation(self) -> None:
-        """Stop a training step that can never get data: every actor is dead or has stopped generating
-        (dead actors are re-placed only at a weight sync, which waits for this step)."""
+        """Stop a training step that can never get data: every actor is dead or has stopped generating.
+        While a step waits (`_train_step`) its wait ends and the actors are re-placed; elsewhere (the
+        policy-lag hold) the run stops with the reason."""
         dead = set(dead_roles(self._actor_hosts()))
         stats = self._actor_stats(30, skip={int(r[len("actor"):]) for r in dead})
         why = no_generation_reason(dead, {f"actor{i}": st for i, st in stats.items()})
+        if why and self._waiting_step:
+            if not self._stalled:
+                self._stalled = why
+                wait(self.learners[0].stop_waiting(self._waiting_step), 60, "stop_waiting", ["learner0"])
+            return
         if why:
-            raise NoProgress(why)
+            raise NoProgress(why + "; the learner would wait for data forever")
         if self.progress.timeout_s > 0:  # actors generate, but does anything reach the learner?
             why = self.progress.observe(time.time(), wait(self.buffer.stats(), 60, "stats", ["buffer"]),
                                         [st for st in stats.values() if st is not None])
@@ -457,26 +481,29 @@ class Run:
         dead = dead_roles(self._actor_hosts())
         stopped = {f"actor{i}": err for i, err in self.actor_errors.items() if f"actor{i}" not in dead}
         self.actor_errors = {}
-        fresh = []
-        for role in dead + sorted(stopped):
+        cfg, specs = self.cfg, {}
+        for role in dead + sorted(stopped):  # placed, then constructed all at once
             i = int(role[len("actor"):])
             self.actor_restarts += 1
             why = f"stopped generating ({stopped[role]})" if role in stopped else "died"
             _console(f"{role} {why}: re-placing it (restart {self.actor_restarts}); generation goes on meanwhile")
-            cfg = self.cfg
             _quiet(lambda: __import__("ray").kill(self.hosts[role]))
             host = place(role, str(self.run_dir), num_cpus=cfg.actors.cpus_per_actor,
                          num_gpus=cfg.actors.gpus_per_actor, node_label=cfg.actors.node_label, env=cluster.role_env())
             self.hosts[role] = host
             self.actors[i] = RoleHandle(host, ACTOR)
-            construct_all(self.hosts, {role: self._actor_spec(i, version)}, cfg.launch.startup_timeout_s)
-            self.where[role] = wait(host.where.remote(), 60, "placement", [role])
+            specs[role] = self._actor_spec(i, version)
+        if not specs:
+            return []
+        construct_all(self.hosts, specs, cfg.launch.startup_timeout_s)
+        fresh = sorted(int(role[len("actor"):]) for role in specs)
+        for i in fresh:
+            role = f"actor{i}"
+            self.where[role] = wait(self.hosts[role].where.remote(), 60, "placement", [role])
             self._actor_rows_next.pop(i, None)  # a new process counts its rows from 0
             if i < len(self.actor_states) and self.actor_states[i]:
                 wait(self.actors[i].load_data_state(self.actor_states[i]), 60, "data cursor restore", [role])
-            fresh.append(i)
-        if fresh:
-            self._write_pids()
+        self._write_pids()
         return fresh
 
     def _write_pids(self) -> None:
@@ -636,7 +663,7 @@ def no_generation_reason(dead: set, stats: dict) -> str:
     if any(st is None or not _stopped_reason(st) for st in stats.values()):
         return ""
     why = [f"{r}: the process died" for r in sorted(dead)] + [f"{r}: {_stopped_reason(st)}" for r, st in sorted(stats.items())]
-    return "no actor is generating (" + "; ".join(why) + "); the learner would wait for data forever"
+    return "no actor is generating (" + "; ".join(why) + ")"
 
 
 def _stopped_reason(stats: dict) -> str:
@@ -664,6 +691,10 @@ def _raise_keyboard_interrupt(*_):
 
 def _ignore_while_stopping(*_):
     print("[archer-async] already stopping every role; please wait", flush=True)
+
+
+MAX_REPLACEMENTS_PER_STEP = 3
+"""How many times one training step re-places every actor (none was left generating) before the run stops."""
 
 
 class NoProgress(RoleError):

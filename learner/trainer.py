@@ -120,6 +120,7 @@ class Learner(LearnerRole):
         self._last_lr = self._lr()
         self._consumed_state: Optional[dict] = None  # the buffer's state after the last batch trained (rank 0)
         self._buffer = None  # BufferClient of step_from_buffer (rank 0)
+        self._stop_waiting_step = 0  # stop_waiting(step): the step whose wait for data is to end (rank 0)
         self._buffer_endpoints, self._buffer_secret = buffer_endpoints, buffer_secret
 
     # ------------------------------------------------------------------------------------------
@@ -355,7 +356,11 @@ class Learner(LearnerRole):
                     batch = self._buffer.sample(self.lcfg.batch_groups, self.version, timeout=poll_s)
                 except BufferTimeout:
                     batch = None
-            if broadcast_object(batch is not None, src=0):
+            state = broadcast_object("batch" if batch is not None else "stop" if self._stop_waiting_step
+                                     == self.step_count + 1 else "wait", src=0)
+            if state == "stop":  # nothing sampled: the step is called again once actors generate
+                return {"waiting_stopped": True}
+            if state == "batch":
                 break
         out, groups = self._step(batch.payload if self.rank == 0 else None, time.perf_counter() - t0)
         if self.rank == 0:
@@ -369,6 +374,11 @@ class Learner(LearnerRole):
                 # sync mode: the driver announces the version once the actors serve it (no stale window)
                 self._buffer.set_version(self.version)
         return out
+
+    def stop_waiting(self, step: int) -> None:
+        """Rank 0, called while step_from_buffer runs (another Ray thread): if step `step` is still waiting
+        for data, it returns {"waiting_stopped": True} at its next poll; once its batch arrived, no effect."""
+        self._stop_waiting_step = int(step)
 
     # ------------------------------------------------------------------------------------------
     # Weights out
