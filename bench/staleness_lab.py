@@ -33,6 +33,7 @@ import collections
 import copy
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -284,10 +285,28 @@ def svg(results: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    from archer_async.config import TINY_MODEL_DIR, RewardsConfig
+def _work(todo: list[tuple[str, int, int, str]], args, threads: int) -> None:
+    """Run `todo` ((variant, lag, seed, result path) each) one after another in this process."""
+    from archer_async.config import RewardsConfig
     from archer_async.taskgen import generate_tasks
     from rewards import RewardPool
+
+    torch.set_num_threads(threads)
+    train, evals = generate_tasks(2000, 200, 0)
+    evals = evals[: args.eval_problems]
+    pool = RewardPool(RewardsConfig())
+    try:
+        for variant, lag, seed, path in todo:
+            res = run_one(variant, lag, seed, args, pool, train, evals)
+            tmp = Path(path).with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(path)  # a run interrupted half-way leaves no result and is rerun
+    finally:
+        pool.close()
+
+
+def main() -> None:
+    from archer_async.config import TINY_MODEL_DIR
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(CORRECTIONS + ABLATION))
@@ -302,30 +321,32 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--model", default=str(TINY_MODEL_DIR))
     ap.add_argument("--out", default="bench/results/staleness_lab")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own process with cores/jobs torch threads")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    train, evals = generate_tasks(2000, 200, 0)
-    evals = evals[: args.eval_problems]
-    pool = RewardPool(RewardsConfig())
-    todo = grid(args.variants.split(","), [int(x) for x in args.lags.split(",")],
-                [int(x) for x in args.seeds.split(",")])
-    try:
-        for variant, lag, seed in todo:
-            path = out / "runs" / f"{run_name(variant, lag, seed)}.json"
-            if path.exists():
-                done = json.loads(path.read_text())["settings"]
-                if done != settings(args):
-                    raise SystemExit(f"{path}: finished with other settings {done}; use another --out")
-                print(f"{path.name}: done before, skipped", flush=True)
-                continue
-            res = run_one(variant, lag, seed, args, pool, train, evals)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(res, indent=1))
-            tmp.replace(path)  # a run interrupted half-way leaves no result and is rerun
-    finally:
-        pool.close()
+    todo = []
+    for variant, lag, seed in grid(args.variants.split(","), [int(x) for x in args.lags.split(",")],
+                                   [int(x) for x in args.seeds.split(",")]):
+        path = out / "runs" / f"{run_name(variant, lag, seed)}.json"
+        if path.exists():
+            done = json.loads(path.read_text())["settings"]
+            if done != settings(args):
+                raise SystemExit(f"{path}: finished with other settings {done}; use another --out")
+            print(f"{path.name}: done before, skipped", flush=True)
+            continue
+        todo.append((variant, lag, seed, str(path)))
+    if args.jobs <= 1:
+        _work(todo, args, torch.get_num_threads())
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for f in [ex.submit(_work, todo[i::args.jobs], args, threads) for i in range(args.jobs)]:
+                f.result()
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     (out / "table.md").write_text(table(results))
     (out / "accuracy.svg").write_text(svg(results))

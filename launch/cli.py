@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("build-tiny", help="(re)build the embedded tiny model and tokenizer")
     bt.add_argument("--out", default="", help="output directory (default: archer_async/assets/tiny, the shipped model)")
     bt.add_argument("--force", action="store_true", help="rebuild even if present")
+    bt.add_argument("--sft-steps", type=int, default=None, metavar="N",
+                    help="supervised warm-start steps (default 550, the shipped model's; fewer: a quick, weaker build)")
+    bt.add_argument("--eval-problems", type=int, default=None, metavar="N",
+                    help="held-out problems measured after the build (default 200; 0 skips the measurement)")
 
     md = sub.add_parser("make-data", help="write the embedded tiny task data as verl-format JSONL")
     md.add_argument("out_dir", metavar="OUT_DIR")

@@ -341,7 +341,16 @@ def build_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False
 
 
 def build_main(args) -> int:
-    """`archer-async build-tiny [--out DIR] [--force]`: rebuild the tiny model (default: the shipped dir)."""
+    """`archer-async build-tiny [--out DIR] [--force] [--sft-steps N] [--eval-problems N]`: rebuild the
+    tiny model (default: the shipped dir, with the shipped spec)."""
     out = Path(args.out) if getattr(args, "out", "") else TINY_MODEL_DIR
-    build_tiny(out, TinySpec(), force=bool(getattr(args, "force", False)))
+    changes = {}
+    for key, least in (("sft_steps", 1), ("eval_problems", 0)):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if value < least:
+            raise UserError(f"build-tiny: --{key.replace('_', '-')} must be at least {least} (got {value})")
+        changes[key] = value
+    build_tiny(out, dataclasses.replace(TinySpec(), **changes), force=bool(getattr(args, "force", False)))
     return 0

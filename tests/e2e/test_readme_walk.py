@@ -149,8 +149,10 @@ class Shell:
 
     def run(self, command: str, timeout_s: float) -> tuple[int, str, str]:
         p, tag, out, err = self.start(command)
+        t0 = time.time()
         try:
             rc = p.wait(timeout_s)
+            print(f"[readme walk] {time.time() - t0:.1f} s: {command}", flush=True)  # shown with -s
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             kill_tagged(tag)
