@@ -254,8 +254,10 @@ def test_every_readme_command_works_as_printed(tmp_path, shell):
             f"\n  {c}  (the environment is not set up for this checkout)" for c in skipped_setup))
         assert set(skipped) == set(NOT_RUN) & set(commands)
     finally:
-        for d in new:
+        for d in (set(runs.iterdir()) - before) if runs.exists() else ():  # every run the walk started
             shutil.rmtree(d, ignore_errors=True)
+        if runs.exists() and not before and not any(runs.iterdir()):
+            runs.rmdir()
         for p in litter:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
