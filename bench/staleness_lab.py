@@ -245,44 +245,80 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PANELS = [("held-out greedy accuracy vs step", "evals", "step", "accuracy"),
+          ("held-out greedy accuracy vs wall time (s)", "evals", "wall_s", "accuracy"),
+          ("ESS (normalised) vs step", "steps", "step", "ess"),
+          ("gradient norm (before clipping) vs step", "steps", "step", "grad_norm"),
+          ("mismatch KL (behaviour vs current) vs step", "steps", "step", "mismatch_kl")]
+"""Rows of the figure: (title, the run's list, x key, y key); one column per lag."""
+
+
+def _series(rs: list[dict], where: str, xk: str, yk: str) -> list[tuple[float, float]]:
+    """Mean over seeds of y at each x index (x: the mean over seeds too, for wall time)."""
+    by = collections.defaultdict(list)
+    for r in rs:
+        for i, e in enumerate(r[where]):
+            if xk in e and yk in e and math.isfinite(float(e[yk])):
+                by[i].append((float(e[xk]), float(e[yk])))
+    return [(statistics.mean(x for x, _ in v), statistics.mean(y for _, y in v)) for _, v in sorted(by.items())]
+
+
 def svg(results: list[dict]) -> str:
-    """Held-out accuracy against steps (mean over seeds), one panel per lag, one line per variant."""
+    """One panel per (metric, lag): accuracy against steps and against wall time, ESS, gradient norm and
+    mismatch KL, each the mean over seeds, one line per variant (plain SVG, no plotting library)."""
     lags = sorted({r["lag"] for r in results})
     variants = sorted({r["variant"] for r in results})
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-    pw, ph, m = 360, 240, 40
-    w, h = pw * len(lags) + m, ph + 2 * m + 20 * len(variants)
-    max_step = max(e["step"] for r in results for e in r["evals"]) or 1
-    accs = [e["accuracy"] for r in results for e in r["evals"]]
-    lo, hi = min(accs), max(accs)
-    hi = hi if hi > lo else lo + 0.01
+    pw, ph, m = 330, 200, 46
+    w, h = pw * len(lags) + m, ph * len(PANELS) + m + 20 * len(variants) + 10
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for i, lag in enumerate(lags):
-        x0, y0 = m + i * pw, m
-        out.append(f'<rect x="{x0}" y="{y0}" width="{pw - m}" height="{ph - m}" fill="none" stroke="#999"/>')
-        out.append(f'<text x="{x0 + 4}" y="{y0 - 6}">lag k = {lag}: held-out greedy accuracy vs step</text>')
-        out.append(f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end">{hi:.2f}</text>')
-        out.append(f'<text x="{x0 - 4}" y="{y0 + ph - m}" text-anchor="end">{lo:.2f}</text>')
-        out.append(f'<text x="{x0 + pw - m}" y="{y0 + ph - m + 14}" text-anchor="end">{max_step}</text>')
-        for j, variant in enumerate(variants):
-            rs = [r for r in results if r["lag"] == lag and r["variant"] == variant]
-            if not rs:
-                continue
-            pts = collections.defaultdict(list)
-            for r in rs:
-                for e in r["evals"]:
-                    pts[e["step"]].append(e["accuracy"])
-            xy = [(x0 + (pw - m) * s / max_step, y0 + (ph - m) * (1 - (statistics.mean(a) - lo) / (hi - lo)))
-                  for s, a in sorted(pts.items())]
-            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{colors[j % len(colors)]}" stroke-width="2"/>')
-    for j, variant in enumerate(variants):
-        y = m + ph + 10 + 20 * j
+    for row, (title, where, xk, yk) in enumerate(PANELS):
+        lines = {(lag, v): _series([r for r in results if r["lag"] == lag and r["variant"] == v], where, xk, yk)
+                 for lag in lags for v in variants}
+        pts = [p for line in lines.values() for p in line]
+        if not pts:
+            continue
+        xhi = max(x for x, _ in pts) or 1.0
+        lo, hi = min(y for _, y in pts), max(y for _, y in pts)
+        hi = hi if hi > lo else lo + 0.01
+        for i, lag in enumerate(lags):
+            x0, y0 = m + i * pw, m + row * ph
+            iw, ih = pw - m, ph - m
+            out.append(f'<rect x="{x0}" y="{y0}" width="{iw}" height="{ih}" fill="none" stroke="#999"/>')
+            out.append(f'<text x="{x0 + 2}" y="{y0 - 6}">lag k = {lag}: {title}</text>')
+            out.append(f'<text x="{x0 - 3}" y="{y0 + 10}" text-anchor="end">{hi:.3g}</text>')
+            out.append(f'<text x="{x0 - 3}" y="{y0 + ih}" text-anchor="end">{lo:.3g}</text>')
+            out.append(f'<text x="{x0 + iw}" y="{y0 + ih + 13}" text-anchor="end">{xhi:.0f}</text>')
+            for j, v in enumerate(variants):
+                xy = [(x0 + iw * x / xhi, y0 + ih * (1 - (y - lo) / (hi - lo))) for x, y in lines[(lag, v)]]
+                if xy:
+                    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+                    out.append(f'<polyline points="{path}" fill="none" stroke="{colors[j % len(colors)]}" '
+                               f'stroke-width="1.6"/>')
+    for j, v in enumerate(variants):
+        y = m + ph * len(PANELS) - 10 + 20 * j
         out.append(f'<line x1="{m}" y1="{y}" x2="{m + 24}" y2="{y}" stroke="{colors[j % len(colors)]}" stroke-width="3"/>')
-        out.append(f'<text x="{m + 30}" y="{y + 4}">{variant} (mean over seeds)</text>')
+        out.append(f'<text x="{m + 30}" y="{y + 4}">{v} (mean over seeds)</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def png_from_svg(svg_path: Path, png_path: Path) -> str:
+    """Render the SVG figure to PNG with headless Chromium (no plotting library needed); says what it did."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        return f"no PNG: no chromium on PATH (the figure is {svg_path})"
+    head = svg_path.read_text()[:300]
+    w, h = (int(re.search(rf'{k}="(\d+)"', head).group(1)) for k in ("width", "height"))
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={png_path.resolve()}", f"--window-size={w},{h}", svg_path.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return f"wrote {png_path}"
 
 
 def _work(todo: list[tuple[str, int, int, str]], args, threads: int) -> None:
@@ -315,7 +351,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--eval-problems", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -350,6 +386,7 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     (out / "table.md").write_text(table(results))
     (out / "accuracy.svg").write_text(svg(results))
+    print(png_from_svg(out / "accuracy.svg", out / "accuracy.png"), flush=True)
     print(table(results))
 
 

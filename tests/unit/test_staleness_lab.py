@@ -1,7 +1,7 @@
 """bench/staleness_lab.py without training: the grid, the variants' loss settings and the reports."""
 
 from archer_async.config import LossConfig
-from bench.staleness_lab import ABLATION, CORRECTIONS, grid, loss_settings, svg, table
+from bench.staleness_lab import ABLATION, CORRECTIONS, _series, grid, loss_settings, svg, table
 
 
 def test_grid_and_variant_settings():
@@ -19,9 +19,10 @@ def test_grid_and_variant_settings():
 
 def _result(variant, lag, seed, final):
     return {"variant": variant, "lag": lag, "seed": seed,
-            "steps": [{"ess": 0.5, "grad_norm": 2.0, "mismatch_kl": 0.01, "truncated_frac": 0.1},
-                      {"ess": 1.0, "grad_norm": 4.0, "mismatch_kl": 0.03, "truncated_frac": 0.3}],
-            "evals": [{"step": 0, "accuracy": 0.4}, {"step": 10, "accuracy": final}], "final_accuracy": final}
+            "steps": [{"step": 1, "ess": 0.5, "grad_norm": 2.0, "mismatch_kl": 0.01, "truncated_frac": 0.1},
+                      {"step": 2, "ess": 1.0, "grad_norm": 4.0, "mismatch_kl": 0.03, "truncated_frac": 0.3}],
+            "evals": [{"step": 0, "wall_s": 0.0, "accuracy": 0.4}, {"step": 10, "wall_s": 60.0, "accuracy": final}],
+            "final_accuracy": final}
 
 
 def test_table_mean_and_spread_over_seeds_and_svg():
@@ -30,4 +31,9 @@ def test_table_mean_and_spread_over_seeds_and_svg():
     assert "| none | 8 | 2 | 0.600 ± 0.141 | 0.400 ± 0.000 | 0.750 | 4.000 | 0.0200 | 0.200 |" in md
     assert "| m2po | 8 | 1 | 0.600 | 0.400 | 0.750 | 4.000 | 0.0200 | 0.200 |" in md
     pic = svg(rows)
-    assert pic.startswith("<svg") and pic.count("<polyline") == 2 and "lag k = 8" in pic
+    assert pic.startswith("<svg") and "lag k = 8: held-out greedy accuracy vs wall time (s)" in pic
+    assert pic.count("<polyline") == 2 * 5  # two variants x five panels (accuracy x2, ESS, grad norm, KL)
+    assert "lag k = 8: mismatch KL (behaviour vs current) vs step" in pic
+    # each line is the mean over seeds
+    assert _series(rows[:2], "evals", "step", "accuracy") == [(0.0, 0.4), (10.0, 0.6)]
+    assert _series(rows[:2], "steps", "step", "grad_norm") == [(1.0, 2.0), (2.0, 4.0)]
