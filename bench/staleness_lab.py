@@ -1,7 +1,7 @@
 """Staleness lab: what policy lag does to learning on the embedded tiny model, and which correction holds.
 
-    .venv/bin/python -m bench.staleness_lab [--variants none,m2po] [--lags 0,8] [--seeds 0] [--steps 40]
-        [--out bench/results/staleness_lab]
+    .venv/bin/python -m bench.staleness_lab [--variants none,m2po] [--lags 0,8] [--seeds 0] [--steps 30]
+        [--lr 2e-4] [--jobs 2] [--out bench/results/staleness_lab]
 
 Every run is one in-process GRPO loop with the project's loss (`archer_async.loss.policy_loss`,
 Archer's dual-token objective with the chosen `loss.is_correction`) and an exact policy lag k: the
@@ -22,8 +22,11 @@ The default grid is every correction x lags {0, 2, 8, 32} x seeds {0, 1, 2}, plu
 
 Outputs: OUT/runs/NAME.json (per-step ESS, gradient norm, mismatch KL, truncated fraction, reward,
 wall time; accuracy at each evaluation), OUT/table.md (per variant and lag: final accuracy mean and
-spread over seeds, mean ESS, max gradient norm, mean mismatch KL), OUT/accuracy.svg (held-out
-accuracy against steps per variant, one panel per lag; plain SVG, no plotting library needed).
+spread over seeds, mean ESS, max gradient norm, mean mismatch KL), OUT/accuracy.svg (rows: held-out
+accuracy against steps and against wall time, ESS, gradient norm, mismatch KL; one column per lag; one
+line per variant, the mean over seeds; plain SVG, no plotting library needed) and OUT/accuracy.png (the
+same, rendered by headless Chromium when one is installed). `--jobs N` runs N runs at once, each in its
+own process (wall times are then not comparable with runs made alone).
 """
 
 from __future__ import annotations
@@ -288,7 +291,7 @@ def svg(results: list[dict]) -> str:
             out.append(f'<rect x="{x0}" y="{y0}" width="{iw}" height="{ih}" fill="none" stroke="#999"/>')
             out.append(f'<text x="{x0 + 2}" y="{y0 - 6}">lag k = {lag}: {title}</text>')
             out.append(f'<text x="{x0 - 3}" y="{y0 + 10}" text-anchor="end">{hi:.3g}</text>')
-            out.append(f'<text x="{x0 - 3}" y="{y0 + ih}" text-anchor="end">{lo:.3g}</text>')
+            out.append(f'<text x="{x0 - 3}" y="{y0 + ih}" text-anchor="end">{lo if abs(lo) >= 1e-6 else 0:.3g}</text>')
             out.append(f'<text x="{x0 + iw}" y="{y0 + ih + 13}" text-anchor="end">{xhi:.0f}</text>')
             for j, v in enumerate(variants):
                 xy = [(x0 + iw * x / xhi, y0 + ih * (1 - (y - lo) / (hi - lo))) for x, y in lines[(lag, v)]]
